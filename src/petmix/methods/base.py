@@ -1,0 +1,74 @@
+"""A method says, per task: whether a new block is added, which parameters train, and how blocks
+are weighed (routing). The training loop (``petmix.train``) is the same for all of them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+from petmix.errors import PetmixError
+from petmix.mixture import Mixture
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    routing: str                 # "attention" | "sum" | "task" (see petmix.mixture)
+    new_block_per_task: bool     # False: one block, trained on in sequence
+    joint: bool = False          # True: one stage on all tasks at once (multi-task learning)
+    summary: str = ""
+    paper: str = ""
+
+    @property
+    def task_id_at_test(self) -> bool:
+        return self.routing == "task"
+
+    def begin_task(self, mix: Mixture, task_index: int) -> list[nn.Parameter]:
+        """Add this task's block (if the method does), freeze everything else, return what trains."""
+        if self.new_block_per_task or mix.num_blocks == 0:
+            mix.add_task()
+        mix.requires_grad_(False)
+        current = mix.num_blocks - 1
+        trainable = list(mix.pool.block_parameters(current))
+        if mix.router is not None:
+            # SAPT: the new block, the new key and the shared query projection; old keys stay frozen.
+            trainable += list(mix.router.query.parameters()) + [mix.router.keys[current]]
+        for p in trainable:
+            p.requires_grad_(True)
+        assert_only_trainable(mix, trainable)
+        return trainable
+
+    def routing_index(self, task_index: int) -> int | None:
+        """Which block the task id selects (task routing only)."""
+        return task_index if self.routing == "task" else None
+
+
+def assert_only_trainable(module: nn.Module, expected: list[nn.Parameter]) -> None:
+    want = {id(p) for p in expected}
+    got = {id(p) for p in module.parameters() if p.requires_grad}
+    if want != got:
+        raise AssertionError(f"trainable parameters differ from the method's set ({len(got)} vs {len(want)} tensors)")
+
+
+METHODS: dict[str, Method] = {
+    m.name: m
+    for m in [
+        Method("sapt-lora", "attention", True,
+               summary="SAPT: a LoRA block per task, shared attentive learning and selection (no task id)",
+               paper="Zhao et al., ACL 2024"),
+        Method("seq-lora", "sum", False, summary="one LoRA trained on the tasks in sequence (SeqLoRA)"),
+        Method("inc-lora", "sum", True,
+               summary="a new LoRA per task, earlier ones frozen, all summed with weight 1, no router (IncLoRA)"),
+        Method("per-task-lora", "task", True,
+               summary="one LoRA per task, evaluated with the true task's block (task id given): single-task scores"),
+        Method("mtl-lora", "sum", False, joint=True,
+               summary="one LoRA on all tasks jointly (multi-task learning): upper reference"),
+    ]
+}
+
+
+def get_method(name: str) -> Method:
+    if name not in METHODS:
+        raise PetmixError(f"unknown method {name!r} (known: {', '.join(METHODS)})")
+    return METHODS[name]

@@ -1,0 +1,395 @@
+"""The training loop over a task stream: one stage per task, evaluation after each stage.
+
+A plain loop (as in torchtune's recipes) on ``accelerate`` for device placement, mixed precision
+and the backward pass. The run directory holds everything needed to resume: a killed run started
+again with the same ``--out`` continues from the last checkpointed optimiser step and ends with the
+same results as an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file
+from tqdm.auto import tqdm
+
+from petmix.backbone import DEFAULT_MODEL, Backbone, load_backbone
+from petmix.blocks.lora import LoRAConfig
+from petmix.data.collate import encode_answers, encode_prompts, training_batch
+from petmix.data.task import Example, Task
+from petmix.data.templates import format_prompt
+from petmix.errors import PetmixError
+from petmix.evaluate import GenerationConfig, evaluate_tasks
+from petmix.methods import Method, get_method
+from petmix.metrics import cl_metrics
+from petmix.mixture import Mixture
+from petmix.runs import read_json, save_tensors, write_json, write_jsonl
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainConfig:
+    method: str = "sapt-lora"
+    model: str = DEFAULT_MODEL
+    data: str | None = None
+    tasks: list[str] = field(default_factory=list)
+    stream: str | None = None
+    epochs: float = 1.0
+    lr: float = 3e-4
+    batch_size: int = 8
+    grad_accum: int = 1
+    max_train: int | None = None
+    max_test: int | None = None
+    max_source_len: int = 512
+    max_target_len: int = 50
+    seed: int = 0
+    bf16: bool = False
+    lora_r: int = 4
+    lora_alpha: float = 32.0
+    lora_dropout: float = 0.0
+    target_modules: list[str] = field(default_factory=list)
+    router_hidden: int = 100
+    eval_scope: str = "seen"  # "seen": tasks 1..t after stage t; "all": every task after every stage
+    eval_batch_size: int = 16
+    max_new_tokens: int = 50
+    chat: bool = False
+    checkpoint_every: int = 25  # optimiser steps between mid-stage checkpoints
+    single_task_results: str | None = None
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any], source: str = "config") -> TrainConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        values = {k.replace("-", "_"): v for k, v in values.items()}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise PetmixError(f"{source}: unknown keys {unknown} (known: {sorted(known)})")
+        if isinstance(values.get("tasks"), str):
+            values["tasks"] = [t.strip() for t in values["tasks"].split(",") if t.strip()]
+        if isinstance(values.get("target_modules"), str):
+            values["target_modules"] = [t.strip() for t in values["target_modules"].split(",") if t.strip()]
+        cfg = cls(**values)
+        cfg.validate(source)
+        return cfg
+
+    def validate(self, source: str = "config") -> None:
+        get_method(self.method)
+        checks = [
+            (self.epochs > 0, "epochs must be > 0"),
+            (self.lr > 0, "lr must be > 0"),
+            (self.batch_size >= 1, "batch_size must be >= 1"),
+            (self.grad_accum >= 1, "grad_accum must be >= 1"),
+            (self.lora_r >= 1, "lora_r must be >= 1"),
+            (self.eval_scope in ("seen", "all"), "eval_scope must be 'seen' or 'all'"),
+            (self.max_source_len >= 8 and self.max_target_len >= 2, "max lengths too small"),
+        ]
+        for ok, problem in checks:
+            if not ok:
+                raise PetmixError(f"{source}: {problem}")
+
+    def generation(self) -> GenerationConfig:
+        return GenerationConfig(self.max_new_tokens, self.eval_batch_size, self.max_source_len, self.chat)
+
+
+def _stage_order(n: int, seed: int, stage: int, epoch: int) -> list[int]:
+    g = torch.Generator().manual_seed(seed * 1_000_003 + stage * 1009 + epoch)
+    return torch.randperm(n, generator=g).tolist()
+
+
+class Trainer:
+    """Runs a method over a task stream into a run directory."""
+
+    def __init__(self, cfg: TrainConfig, tasks: list[Task], out: str | Path, backbone: Backbone | None = None):
+        from accelerate import Accelerator
+
+        self.cfg = cfg
+        self.tasks = tasks
+        self.out = Path(out)
+        self.method: Method = get_method(cfg.method)
+        self.accelerator = Accelerator(mixed_precision="bf16" if cfg.bf16 else "no")
+        torch.manual_seed(cfg.seed)
+        self.backbone = backbone or load_backbone(cfg.model)
+        self.backbone.model.to(self.accelerator.device)
+        lora = LoRAConfig(cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, list(cfg.target_modules))
+        self.mix = Mixture(self.backbone, lora, self.method.routing, cfg.router_hidden)
+        self.stages: list[list[Task]] = [tasks] if self.method.joint else [[t] for t in tasks]
+        self.state_dir = self.out / "state"
+        self.single_task = self._single_task_scores()
+
+    # ---- run directory -------------------------------------------------------------------
+    def _check_run_dir(self) -> dict[str, Any]:
+        resolved = {**dataclasses.asdict(self.cfg), "tasks": [t.name for t in self.tasks]}
+        cfg_path = self.out / "config.json"
+        if cfg_path.exists():
+            old = read_json(cfg_path)
+            ignore = {"single_task_results", "checkpoint_every", "eval_batch_size"}
+            diff = sorted(k for k in resolved if k not in ignore and old.get(k) != resolved[k])
+            if diff:
+                raise PetmixError(f"{cfg_path}: the run directory holds a run with other settings ({diff}); "
+                                  "use a new --out or the same settings to resume")
+        write_json(cfg_path, resolved)
+        return resolved
+
+    def _single_task_scores(self) -> list[float | None] | None:
+        if not self.cfg.single_task_results:
+            return None
+        path = Path(self.cfg.single_task_results)
+        path = path / "results.json" if path.is_dir() else path
+        if not path.is_file():
+            raise PetmixError(f"{path}: single-task results not found")
+        ref = read_json(path)
+        # The single-task score of task i is the reference run's a[i][i] (per-task-lora).
+        diag = {name: ref["matrix"][min(i, len(ref["matrix"]) - 1)][i] for i, name in enumerate(ref["tasks"])}
+        return [diag.get(t.name) for t in self.tasks]
+
+    def _save_state(self, progress: dict[str, Any], optimizer: torch.optim.Optimizer | None,
+                    stats: dict[str, torch.Tensor] | None = None) -> None:
+        tmp = self.out / ".state.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        save_tensors(tmp / "adapters.safetensors", self.mix.adapter_state())
+        tensors: dict[str, torch.Tensor] = {"rng.torch": torch.get_rng_state()}
+        tensors.update({f"stats.{k}": v.detach().cpu().clone() for k, v in (stats or {}).items()})
+        meta: dict[str, Any] = {"progress": progress}
+        if optimizer is not None:
+            sd = optimizer.state_dict()
+            for pid, st in sd["state"].items():
+                for k, v in st.items():
+                    tensors[f"opt.{pid}.{k}"] = v.detach().cpu().contiguous() if torch.is_tensor(v) else torch.tensor(v)
+            meta["param_groups"] = sd["param_groups"]
+        save_tensors(tmp / "trainer.safetensors", tensors)
+        write_json(tmp / "trainer.json", meta)
+        old = self.out / ".state.old"
+        shutil.rmtree(old, ignore_errors=True)
+        if self.state_dir.exists():
+            self.state_dir.rename(old)
+        tmp.rename(self.state_dir)  # the state is swapped in whole; a kill leaves the old or the new one
+        shutil.rmtree(old, ignore_errors=True)
+
+    def _load_state(self) -> tuple[dict[str, Any], dict[str, torch.Tensor], dict[str, Any]] | None:
+        if not (self.state_dir / "trainer.json").exists():
+            old = self.out / ".state.old"
+            if (old / "trainer.json").exists():
+                old.rename(self.state_dir)
+            else:
+                return None
+        meta = read_json(self.state_dir / "trainer.json")
+        self.mix.load_adapter_state(load_file(self.state_dir / "adapters.safetensors"))
+        tensors = load_file(self.state_dir / "trainer.safetensors")
+        return meta["progress"], tensors, meta
+
+    @staticmethod
+    def _load_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+        state: dict[int, dict[str, torch.Tensor]] = {}
+        for key, v in tensors.items():
+            if key.startswith("opt."):
+                _, pid, name = key.split(".", 2)
+                state.setdefault(int(pid), {})[name] = v
+        optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+
+    # ---- training --------------------------------------------------------------------------
+    def _encode(self, examples: list[Example], stage_tasks: list[Task], owners: list[int]) -> tuple[list, list]:
+        tok = self.backbone.tokenizer
+        prompts = [self.backbone.render(format_prompt(stage_tasks[o], ex.input), self.cfg.chat)
+                   for ex, o in zip(examples, owners)]
+        return (encode_prompts(tok, prompts, self.cfg.max_source_len),
+                encode_answers(tok, [ex.outputs[0] for ex in examples], self.cfg.max_target_len))
+
+    def _train_stage(self, stage: int, resume: tuple | None) -> dict[str, Any]:
+        cfg, acc = self.cfg, self.accelerator
+        stage_tasks = self.stages[stage]
+        examples = [ex for t in stage_tasks for ex in t.train]
+        owners = [i for i, t in enumerate(stage_tasks) for _ in t.train]
+        if not examples:
+            raise PetmixError(f"task {stage_tasks[0].name}: no training examples")
+        prompt_ids, answer_ids = self._encode(examples, stage_tasks, owners)
+
+        if resume is None:
+            trainable = self.method.begin_task(self.mix, stage)
+        else:  # blocks already restored from the checkpoint: only re-select what trains
+            trainable = self._reselect_trainable(stage)
+        optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=0.0)  # constant lr, as SAPT
+        progress = {"stage": stage, "epoch": 0, "batch": 0, "step": 0, "stage_done": False, "evaluated": False}
+        if resume is not None:
+            progress, tensors, meta = resume
+            if "param_groups" in meta:
+                self._load_optimizer(optimizer, tensors, meta)
+            torch.set_rng_state(tensors["rng.torch"])
+        n_batches = math.ceil(len(examples) / cfg.batch_size)
+        total_batches = max(1, round(cfg.epochs * n_batches))
+        total_steps = math.ceil(total_batches / cfg.grad_accum)
+        name = "+".join(t.name for t in stage_tasks) if len(stage_tasks) <= 2 else f"{len(stage_tasks)} tasks (joint)"
+        bar = tqdm(total=total_steps, initial=progress["step"], desc=f"stage {stage + 1}/{len(self.stages)} {name}",
+                   unit="step", dynamic_ncols=True)
+        task_index = self.method.routing_index(stage)
+        self.mix.train()
+        # Running sums survive a resume, so a resumed stage reports what an uninterrupted one does.
+        stats = {"weight_sum": torch.zeros(self.mix.num_blocks, dtype=torch.float64),
+                 "loss_sum": torch.zeros((), dtype=torch.float64), "n_seen": torch.zeros((), dtype=torch.float64),
+                 "n_batches": torch.zeros((), dtype=torch.float64), "train_s": torch.zeros((), dtype=torch.float64)}
+        if resume is not None:
+            stats.update({k: tensors[f"stats.{k}"] for k in stats if f"stats.{k}" in tensors})
+        done_batches = progress["epoch"] * n_batches + progress["batch"]
+        started = time.time() - float(stats["train_s"])
+        window: list[float] = []
+        while done_batches < total_batches:
+            epoch, b = divmod(done_batches, n_batches)
+            order = _stage_order(len(examples), cfg.seed, stage, epoch)
+            idx = order[b * cfg.batch_size:(b + 1) * cfg.batch_size]
+            batch = training_batch(self.backbone.tokenizer, [prompt_ids[i] for i in idx],
+                                   [answer_ids[i] for i in idx], self.backbone.is_seq2seq)
+            batch = {k: v.to(acc.device) for k, v in batch.items()}
+            with acc.autocast():
+                loss, weights = self.mix(batch, task_index)
+            acc.backward(loss / cfg.grad_accum)
+            stats["weight_sum"] += weights.detach().double().sum(0).cpu()
+            stats["loss_sum"] += float(loss.detach())
+            stats["n_seen"] += len(idx)
+            stats["n_batches"] += 1
+            window.append(float(loss.detach()))
+            done_batches += 1
+            last = done_batches == total_batches
+            if done_batches % cfg.grad_accum == 0 or last:
+                if progress["step"] == 0 and resume is None:
+                    self._assert_gradients(trainable)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                progress["step"] += 1
+                bar.update(1)
+                bar.set_postfix(loss=f"{sum(window) / len(window):.3f}")
+                window = []
+                progress["epoch"], progress["batch"] = divmod(done_batches, n_batches)
+                if progress["step"] % cfg.checkpoint_every == 0 and not last:
+                    stats["train_s"] = torch.tensor(time.time() - started, dtype=torch.float64)
+                    self._save_state(progress, optimizer, stats)
+        bar.close()
+        self.mix.eval()
+        train_s = time.time() - started
+        mean_loss = float(stats["loss_sum"] / stats["n_batches"].clamp(min=1))
+        log.info("stage %d (%s): %d steps, mean loss %.4f, %.1f s", stage + 1, name, progress["step"], mean_loss, train_s)
+        info = {"train_s": round(train_s, 1), "steps": progress["step"], "mean_loss": round(mean_loss, 5),
+                "train_router_weights": ([round(float(w), 6) for w in stats["weight_sum"] / stats["n_seen"]]
+                                         if self.mix.routing == "attention" else None)}
+        progress.update(stage_done=True, evaluated=False, info=info)
+        self._save_state(progress, None)
+        return info
+
+    def _reselect_trainable(self, stage: int) -> list[torch.nn.Parameter]:
+        # Same set begin_task chose, without adding a block (the checkpoint already holds it).
+        self.mix.requires_grad_(False)
+        current = self.mix.num_blocks - 1
+        trainable = list(self.mix.pool.block_parameters(current))
+        if self.mix.router is not None:
+            trainable += list(self.mix.router.query.parameters()) + [self.mix.router.keys[current]]
+        for p in trainable:
+            p.requires_grad_(True)
+        return trainable
+
+    def _assert_gradients(self, trainable: list[torch.nn.Parameter]) -> None:
+        allowed = {id(p) for p in trainable}
+        for name, p in self.mix.named_parameters():
+            if p.grad is not None and id(p) not in allowed:
+                raise AssertionError(f"gradient reached a frozen parameter: {name}")
+
+    # ---- evaluation --------------------------------------------------------------------------
+    def _evaluate(self, stage: int) -> dict[str, dict[str, Any]]:
+        if self.method.joint or self.cfg.eval_scope == "all":
+            tasks = list(self.tasks)
+        else:
+            tasks = self.tasks[: stage + 1]
+        gen = self.cfg.generation()
+        with self.accelerator.autocast():
+            if self.method.task_id_at_test:
+                results = {}
+                for j, task in enumerate(tasks):
+                    results.update(evaluate_tasks(self.backbone, [task], gen, self.mix.prepare_fn(j),
+                                                  desc=f"eval {task.name}"))
+            else:
+                results = evaluate_tasks(self.backbone, tasks, gen, self.mix.prepare_fn(), desc=f"eval after stage {stage + 1}")
+        self.mix.clear_weights()
+        return results
+
+    def _write_results(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
+        names = [t.name for t in self.tasks]
+        matrix = [[r["scores"].get(n) for n in names] for r in rows]
+        if self.method.joint:
+            last = matrix[-1]
+            vals = [v for v in last if v is not None]
+            metrics = {"AP": sum(vals) / len(vals) if vals else None, "F.Ra": None, "FWT": None, "BWT": None}
+        else:
+            metrics = cl_metrics(matrix, self.single_task)
+        per_task = {t.name: {"metric": t.metric, "benchmark": t.benchmark, "n_train": len(t.train),
+                             "n_test": len(t.test), "source": t.source, "notes": t.notes} for t in self.tasks}
+        trainable = sum(p.numel() for p in self.mix.pool.block_parameters(0))
+        if self.mix.router is not None:
+            trainable += sum(p.numel() for p in self.mix.router.query.parameters()) + self.backbone.hidden_size
+        payload = {
+            "method": self.method.name,
+            "method_summary": self.method.summary,
+            "task_id_at_test": self.method.task_id_at_test,
+            "tasks": names,
+            "matrix": matrix,
+            "metrics": metrics,
+            "single_task": self.single_task,
+            "per_task": per_task,
+            "stage_names": [r["name"] for r in rows],
+            "stages": [{k: v for k, v in r.items() if k != "scores"} for r in rows],
+            "trainable_params_per_task": trainable,
+            "model": self.backbone.describe(),
+            "wall_s": round(sum(r["train_s"] + r["eval_s"] for r in rows), 1),
+        }
+        write_json(self.out / "results.json", payload)
+        return payload
+
+    def run(self) -> dict[str, Any]:
+        self.out.mkdir(parents=True, exist_ok=True)
+        self._check_run_dir()
+        rows: list[dict[str, Any]] = read_json(self.out / "stages.json") if (self.out / "stages.json").exists() else []
+        loaded = self._load_state()
+        start_stage, resume = 0, None
+        if loaded is not None:
+            progress = loaded[0]
+            if progress["stage_done"]:
+                start_stage = progress["stage"] + (1 if progress["evaluated"] else 0)
+                log.info("resuming %s after stage %d", self.out, progress["stage"] + 1)
+                if not progress["evaluated"]:
+                    rows = rows[: progress["stage"]]
+                    self._finish_stage(progress["stage"], rows, progress.get("info"))
+                    start_stage = progress["stage"] + 1
+            else:
+                start_stage, resume = progress["stage"], loaded
+                log.info("resuming %s in stage %d at step %d", self.out, progress["stage"] + 1, progress["step"])
+        rows = rows[:start_stage]
+        for stage in range(start_stage, len(self.stages)):
+            info = self._train_stage(stage, resume if stage == start_stage else None)
+            self._finish_stage(stage, rows, info)
+        payload = self._write_results(rows) if rows else {}
+        save_tensors(self.out / "adapters.safetensors", self.mix.adapter_state())
+        return payload
+
+    def _finish_stage(self, stage: int, rows: list[dict[str, Any]], info: dict[str, Any] | None) -> None:
+        started = time.time()
+        results = self._evaluate(stage)
+        eval_s = round(time.time() - started, 1)
+        for name, res in results.items():
+            write_jsonl(self.out / "predictions" / f"stage-{stage + 1}" / f"{name}.jsonl", res["records"])
+        save_tensors(self.out / "checkpoints" / f"stage-{stage + 1}.safetensors", self.mix.adapter_state())
+        stage_name = "joint" if self.method.joint else self.stages[stage][0].name
+        info = info or {"train_s": 0.0, "steps": None, "mean_loss": None, "train_router_weights": None}
+        rows.append({"name": stage_name, **info, "eval_s": eval_s,
+                     "scores": {n: r["score"] for n, r in results.items()}})
+        write_json(self.out / "stages.json", rows)
+        self._write_results(rows)
+        for name, res in results.items():  # the latest stage's predictions, where users look first
+            write_jsonl(self.out / "predictions" / f"{name}.jsonl", res["records"])
+        self._save_state({"stage": stage, "epoch": 0, "batch": 0, "step": 0, "stage_done": True,
+                          "evaluated": True}, None)
+
