@@ -1,0 +1,89 @@
+"""Named task streams (orders) of the continual-learning benchmarks, plus a small default demo stream."""
+
+from __future__ import annotations
+
+from petmix.errors import PetmixError
+
+_SUPERNI = {
+    name.split("_", 1)[0]: name
+    for name in [
+        "task1572_samsum_summary",
+        "task363_sst2_polarity_classification",
+        "task1290_xsum_summarization",
+        "task181_outcome_extraction",
+        "task002_quoref_answer_generation",
+        "task1510_evalution_relation_extraction",
+        "task639_multi_woz_user_utterance_generation",
+        "task1729_personachat_generate_next",
+        "task073_commonsenseqa_answer_generation",
+        "task1590_diplomacy_text_generation",
+        "task748_glucose_reverse_cause_event_detection",
+        "task511_reddit_tifu_long_text_summarization",
+        "task591_sciq_answer_generation",
+        "task1687_sentiment140_classification",
+        "task875_emotion_classification",
+    ]
+}
+_SUPERNI_ORDER2 = "task748 task073 task1590 task639 task1572 task1687 task591 task363 task1510 task1729 task181 task511 task002 task1290 task875"
+
+# The default (demo) stream must train and evaluate on a 2-core CPU with a 135M model in ~10 minutes,
+# so it uses BIG-bench Natural Instructions subtasks with short prompts and short answers, each of a
+# different kind so that a router can tell them apart. Measured over all examples (words, median / p90):
+#   subtask046 question typing: input 14/20, output 1/1 (13 type labels: classification)
+#   subtask033 winogrande: input 24/29, output 1/1 (pick one of two objects for the blank)
+#   subtask041 qasc answer: input 18/27, output 1/3 (extract a short answer from a fact)
+#   subtask040 qasc question: input 9/14, output 8/12 (rewrite a fact as a question: generation)
+# Left out: drop/multirc/ropes/quoref subtasks (inputs 150-340 words), mctaco and multirc yes/no tasks
+# (90%+ one label), subtask039 (same QASC facts and answer shape as 041). Definitions add 49-131
+# words, except subtask046 (334 words, its list of types): trim max_train there first if time is short.
+DEFAULT_STREAM = [
+    "bigbench:subtask046_miscellaenous_question_typing",
+    "bigbench:subtask033_winogrande_answer_generation",
+    "bigbench:subtask041_qasc_answer_generation",
+    "bigbench:subtask040_qasc_question_generation",
+]
+
+STREAMS: dict[str, list[str]] = {
+    "default": DEFAULT_STREAM,
+    "superni-order1": list(_SUPERNI.values()),
+    "superni-order2": [_SUPERNI[t] for t in _SUPERNI_ORDER2.split()],
+    "long-order1": "yelp amazon mnli cb copa qqp rte imdb sst2 dbpedia agnews yahoo multirc boolq wic".split(),
+    "long-order2": "mnli cb wic copa qqp boolq rte imdb yelp amazon sst2 dbpedia agnews multirc yahoo".split(),
+    "long4-order1": ["dbpedia", "amazon", "yahoo", "agnews"],
+    "long4-order2": ["dbpedia", "amazon", "agnews", "yahoo"],
+    "long4-order3": ["yahoo", "amazon", "agnews", "dbpedia"],
+}
+
+# Files absent from the shared copy of Long_Sequence (the originals are 4 MiB and larger).
+LONG_MISSING: dict[str, list[str]] = {
+    "dbpedia": ["train.json"],
+    "imdb": ["dev.json", "test.json"],
+    "multirc": ["dev.json", "test.json"],
+    "yahoo": ["train.json", "dev.json", "test.json"],
+    "yelp": ["dev.json", "test.json"],
+}
+
+
+def resolve_stream(name: str) -> list[str]:
+    """The task specs of stream `name`, in training order."""
+    try:
+        return list(STREAMS[name])
+    except KeyError:
+        raise PetmixError(f"unknown stream {name!r}; known streams: {', '.join(STREAMS)}") from None
+
+
+def stream_info(name: str) -> str:
+    """One line describing stream `name`, including what the shared data copy lacks for it."""
+    tasks = resolve_stream(name)
+    if name == "default":
+        return f"default: {len(tasks)} BIG-bench Natural Instructions subtasks with short inputs (ROUGE-L)"
+    if name.startswith("superni"):
+        return f"{name}: {len(tasks)} SuperNI tasks (ROUGE-L), {tasks[0]} first"
+    line = f"{name}: {len(tasks)} Long_Sequence classification tasks (exact match)"
+    no_train = [t for t in tasks if "train.json" in LONG_MISSING.get(t, [])]
+    derived = [t for t in tasks if t in LONG_MISSING and t not in no_train]
+    if derived:
+        line += f"; test derived from held-back train for {', '.join(derived)} (test.json missing)"
+    if no_train:
+        line += f"; cannot run on the shared copy: train.json missing for {', '.join(no_train)}"
+    return line
