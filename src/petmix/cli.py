@@ -38,13 +38,19 @@ def _add_generation_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-source-len", type=int, default=512)
     p.add_argument("--chat", action="store_true", help="wrap prompts in the model's chat template")
     p.add_argument("--dtype", default="float32", help="weights dtype: float32 (default) or bfloat16")
+    p.add_argument("--bf16", action="store_true", help="bfloat16 autocast (faster on CPUs with AVX-512 BF16)")
+
+
+def _plain_args(args: argparse.Namespace) -> dict[str, Any]:
+    return {k: v for k, v in vars(args).items() if k != "func"}
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from petmix.backbone import DEFAULT_MODEL, load_backbone
     from petmix.data.loaders import load_tasks
     from petmix.evaluate import GenerationConfig, evaluate_tasks
-    from petmix.runs import results_payload, setup_logging, write_json, write_jsonl
+    from petmix.metrics import single_row_metrics
+    from petmix.runs import setup_logging, write_json, write_jsonl
 
     out = Path(args.out)
     setup_logging(out, args.verbose)
@@ -52,10 +58,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
     tasks = load_tasks(_task_specs(args), args.data, max_train=args.max_train, max_test=args.max_test, seed=args.seed)
     backbone = load_backbone(args.model or DEFAULT_MODEL, dtype=args.dtype)
     log.info("model %s", backbone.describe())
-    write_json(out / "config.json", {"command": "eval", **vars(args), "model": backbone.name,
+    write_json(out / "config.json", {"command": "eval", **_plain_args(args), "model": backbone.name,
                                      "tasks": [t.name for t in tasks]})
     cfg = GenerationConfig(args.max_new_tokens, args.batch_size, args.max_source_len, args.chat)
-    results = evaluate_tasks(backbone, tasks, cfg, desc="zero-shot")
+    import torch
+
+    with torch.autocast(backbone.device.type, dtype=torch.bfloat16, enabled=args.bf16):
+        results = evaluate_tasks(backbone, tasks, cfg, desc="zero-shot")
     for task in tasks:
         write_jsonl(out / "predictions" / f"{task.name}.jsonl", results[task.name]["records"])
     names = [t.name for t in tasks]
@@ -64,9 +73,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
                  "benchmark": t.benchmark, "source": t.source, "notes": t.notes}
         for t in tasks
     }
-    payload = results_payload(names, [[results[n]["score"] for n in names]], per_task,
-                              model=backbone.describe(), elapsed_s=round(time.time() - started, 1),
-                              stage_names=["zero-shot"])
+    row = [results[n]["score"] for n in names]
+    payload = {"method": "zero-shot", "tasks": names, "matrix": [row], "metrics": single_row_metrics(row),
+               "per_task": per_task, "stage_names": ["zero-shot"], "model": backbone.describe(),
+               "wall_s": round(time.time() - started, 1)}
     write_json(out / "results.json", payload)
     _print_scores(names, payload)
     log.info("wrote %s in %.1f s", out / "results.json", time.time() - started)
@@ -81,6 +91,119 @@ def _print_scores(names: list[str], payload: dict[str, Any]) -> None:
     print("  ".join(f"{k}={'-' if v is None else f'{v:.2f}'}" for k, v in metrics.items()))
 
 
+TRAIN_FLAGS: list[tuple[str, type, str]] = [
+    ("--method", str, "sapt-lora (default), seq-lora, inc-lora, per-task-lora, mtl-lora"),
+    ("--model", str, "local model folder or packaged alias (default smollm2-135m)"),
+    ("--data", str, "folder of tasks (e.g. ../shared/data/CL_Benchmark); not needed for bigbench: tasks"),
+    ("--tasks", str, "comma-separated task names or folders, in stream order"),
+    ("--stream", str, "named stream instead of --tasks (default, superni-order1, ...)"),
+    ("--epochs", float, "epochs per task (fractions allowed)"),
+    ("--lr", float, "learning rate (constant)"),
+    ("--batch-size", int, "examples per micro-batch"),
+    ("--grad-accum", int, "micro-batches per optimiser step"),
+    ("--max-train", int, "cap on training examples per task"),
+    ("--max-test", int, "cap on test examples per task"),
+    ("--max-source-len", int, "prompt tokens (longer prompts lose their middle)"),
+    ("--max-target-len", int, "answer tokens"),
+    ("--seed", int, "seed for sampling, data order and initialisation"),
+    ("--lora-r", int, "LoRA rank"),
+    ("--lora-alpha", float, "LoRA alpha"),
+    ("--lora-dropout", float, "LoRA dropout"),
+    ("--target-modules", str, "comma-separated module names to put LoRA on (default q and v projections)"),
+    ("--router-hidden", int, "hidden size of the router's query projection"),
+    ("--eval-scope", str, "seen (tasks so far, default) or all (every task after every stage)"),
+    ("--eval-batch-size", int, "generation batch size"),
+    ("--max-new-tokens", int, "generation length cap"),
+    ("--checkpoint-every", int, "optimiser steps between mid-stage checkpoints"),
+    ("--single-task-results", str, "a per-task-lora run (or its results.json) giving the single-task scores for FWT"),
+]
+
+
+def _train_config(args: argparse.Namespace):
+    import yaml
+
+    from petmix.train import TrainConfig
+
+    values: dict[str, Any] = {}
+    if getattr(args, "config", None):
+        path = Path(args.config)
+        if not path.is_file():
+            raise PetmixError(f"{path}: config file not found")
+        try:
+            loaded = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as err:
+            raise PetmixError(f"{path}: malformed YAML ({err})") from err
+        if not isinstance(loaded, dict):
+            raise PetmixError(f"{path}: expected a mapping of settings at the top level")
+        values.update({k.replace("-", "_"): v for k, v in loaded.items()})
+    skip = {"func", "command", "config", "out", "verbose"}
+    values.update({k: v for k, v in vars(args).items() if k not in skip})  # flags override the file
+    source = args.config or "command line"
+    return TrainConfig.from_dict(values, source)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from petmix.data.loaders import load_tasks
+    from petmix.data.streams import resolve_stream
+    from petmix.report import render_report, write_heatmaps
+    from petmix.runs import setup_logging
+    from petmix.train import Trainer
+
+    cfg = _train_config(args)
+    out = Path(args.out)
+    setup_logging(out, args.verbose)
+    specs = cfg.tasks or resolve_stream(cfg.stream or "default")
+    tasks = load_tasks(specs, cfg.data, max_train=cfg.max_train, max_test=cfg.max_test, seed=cfg.seed)
+    for t in tasks:
+        for note in t.notes:
+            log.info("%s: %s", t.name, note)
+    Trainer(cfg, tasks, out).run()
+    print(render_report(out))
+    for path in write_heatmaps(out):
+        print(f"wrote {path}")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from petmix.report import render_report, write_heatmaps
+
+    print(render_report(args.run))
+    for path in write_heatmaps(args.run):
+        print(f"wrote {path}")
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from petmix.api import load
+    from petmix.data.task import Task
+    from petmix.data.templates import format_prompt
+    from petmix.runs import read_json
+
+    model = load(args.run)
+    inputs = list(args.input or [])
+    if args.input_file:
+        inputs += [line.rstrip("\n") for line in Path(args.input_file).read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not inputs:
+        raise PetmixError("give --input TEXT (repeatable) or --input-file FILE")
+    if args.raw:
+        prompts = inputs
+    else:
+        per_task = read_json(Path(args.run) / "results.json").get("per_task", {})
+        info = per_task.get(args.task) if args.task else next(iter(per_task.values()), {})
+        if args.task and info is None:
+            raise PetmixError(f"--task {args.task!r} is not a task of this run ({', '.join(per_task)})")
+        definition = args.definition if args.definition is not None else (info.get("definition", "") if args.task else "")
+        shell = Task("input", definition, "rougeL", [], [], args.template or info.get("template", "plain"))
+        prompts = [format_prompt(shell, text) for text in inputs]
+    answers = model.generate(prompts, task=args.task)
+    for text, ans in zip(inputs, answers):
+        print(f"input:  {text}\noutput: {ans.text}")
+        if ans.router_weights:
+            ranked = sorted(ans.router_weights.items(), key=lambda kv: -kv[1])
+            print("router: " + ", ".join(f"{k} {v:.3f}" for k, v in ranked))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="petmix", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true")
@@ -91,6 +214,29 @@ def build_parser() -> argparse.ArgumentParser:
     _add_generation_args(p)
     p.add_argument("--out", required=True, help="run directory")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("train", help="learn a task stream with a method; writes the matrix, metrics and heatmaps")
+    p.add_argument("--config", help="YAML file with the same keys as the flags (flags override it)")
+    for flag, kind, text in TRAIN_FLAGS:
+        p.add_argument(flag, type=kind, help=text, default=argparse.SUPPRESS)
+    p.add_argument("--bf16", action="store_true", default=argparse.SUPPRESS, help="bfloat16 autocast (CPU and GPU)")
+    p.add_argument("--chat", action="store_true", default=argparse.SUPPRESS, help="wrap prompts in the chat template")
+    p.add_argument("--out", required=True, help="run directory (an existing one is resumed)")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("report", help="print a run's matrix and metrics; write matrix.png and router.png")
+    p.add_argument("run")
+    p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("predict", help="answer inputs with a trained run (automatic routing)")
+    p.add_argument("run")
+    p.add_argument("--input", action="append", help="an input (repeatable)")
+    p.add_argument("--input-file", help="one input per line")
+    p.add_argument("--definition", help="task definition to put in the prompt template")
+    p.add_argument("--task", help="format as this task of the run (its definition); needed by task-id methods")
+    p.add_argument("--template", help="superni, long or plain (default: the run's)")
+    p.add_argument("--raw", action="store_true", help="inputs are complete prompts; no template")
+    p.set_defaults(func=cmd_predict)
     return parser
 
 

@@ -104,7 +104,7 @@ def evaluate_tasks(
     elapsed = time.time() - start
     results: dict[str, dict[str, Any]] = {}
     k = 0
-    for t, task in enumerate(tasks):
+    for task in tasks:
         records = []
         for ex in getattr(task, split):
             rec = {"input": ex.input, "prediction": texts[k], "references": ex.outputs,

@@ -175,3 +175,10 @@ def cl_metrics(
         "FWT": _mean(fwt) if fwt is not None else None,
         "BWT": _mean(bwt),
     }
+
+
+def single_row_metrics(row: Sequence[float | None]) -> dict[str, float | None]:
+    """Metrics of one evaluation of every task (zero-shot, or a joint multi-task model): AP is the
+    mean over all tasks; forgetting and transfer need a sequence of stages, so they are None."""
+    vals = [v for v in row if v is not None and not math.isnan(v)]
+    return {"AP": sum(vals) / len(vals) if vals else None, "F.Ra": None, "FWT": None, "BWT": None}

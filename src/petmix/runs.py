@@ -62,24 +62,6 @@ def setup_logging(run_dir: str | Path | None = None, verbose: bool = False) -> N
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
-def results_payload(
-    tasks: list[str],
-    matrix: list[list[float | None]],
-    per_task: dict[str, Any],
-    single_task: list[float | None] | None = None,
-    **extra: Any,
-) -> dict[str, Any]:
-    from petmix.metrics import cl_metrics
-
-    return {
-        "tasks": tasks,
-        "matrix": matrix,
-        "metrics": cl_metrics(matrix, single_task),
-        "per_task": per_task,
-        **extra,
-    }
-
-
 def save_tensors(path: str | Path, tensors: dict[str, Any], metadata: dict[str, str] | None = None) -> None:
     """Safetensors file written atomically (temp file, then rename)."""
     from safetensors.torch import save_file

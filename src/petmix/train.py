@@ -29,7 +29,7 @@ from petmix.data.templates import format_prompt
 from petmix.errors import PetmixError
 from petmix.evaluate import GenerationConfig, evaluate_tasks
 from petmix.methods import Method, get_method
-from petmix.metrics import cl_metrics
+from petmix.metrics import cl_metrics, single_row_metrics
 from petmix.mixture import Mixture
 from petmix.runs import read_json, save_tensors, write_json, write_jsonl
 
@@ -321,12 +321,11 @@ class Trainer:
         names = [t.name for t in self.tasks]
         matrix = [[r["scores"].get(n) for n in names] for r in rows]
         if self.method.joint:
-            last = matrix[-1]
-            vals = [v for v in last if v is not None]
-            metrics = {"AP": sum(vals) / len(vals) if vals else None, "F.Ra": None, "FWT": None, "BWT": None}
+            metrics = single_row_metrics(matrix[-1])
         else:
             metrics = cl_metrics(matrix, self.single_task)
-        per_task = {t.name: {"metric": t.metric, "benchmark": t.benchmark, "n_train": len(t.train),
+        per_task = {t.name: {"metric": t.metric, "benchmark": t.benchmark, "template": t.template,
+                             "definition": t.definition, "n_train": len(t.train),
                              "n_test": len(t.test), "source": t.source, "notes": t.notes} for t in self.tasks}
         trainable = sum(p.numel() for p in self.mix.pool.block_parameters(0))
         if self.mix.router is not None:

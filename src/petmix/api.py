@@ -1,0 +1,64 @@
+"""Use a finished run: ``petmix.load(RUN).generate(texts)`` answers with automatic routing."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from petmix.backbone import load_backbone
+from petmix.blocks.lora import LoRAConfig
+from petmix.errors import PetmixError
+from petmix.evaluate import GenerationConfig, generate
+from petmix.methods import get_method
+from petmix.mixture import Mixture
+from petmix.runs import read_json
+
+
+@dataclass
+class Answer:
+    text: str
+    router_weights: dict[str, float] | None  # block (named by the task it was trained on) -> weight
+
+
+class TrainedModel:
+    """A backbone with a run's trained blocks and router."""
+
+    def __init__(self, run_dir: str | Path, model: str | None = None):
+        run_dir = Path(run_dir)
+        cfg_path, adapters = run_dir / "config.json", run_dir / "adapters.safetensors"
+        if not cfg_path.is_file() or not adapters.is_file():
+            raise PetmixError(f"{run_dir}: not a finished petmix training run (needs config.json and adapters.safetensors)")
+        self.config = read_json(cfg_path)
+        self.method = get_method(self.config["method"])
+        self.backbone = load_backbone(model or self.config["model"])
+        lora = LoRAConfig(self.config["lora_r"], self.config["lora_alpha"], 0.0, list(self.config["target_modules"]))
+        self.mix = Mixture(self.backbone, lora, self.method.routing, self.config["router_hidden"])
+        self.mix.load_adapter_state(load_file(adapters))
+        self.mix.eval()
+        self.block_names = list(self.config["tasks"]) if self.method.new_block_per_task else ["shared"]
+        self.block_names = self.block_names[: self.mix.num_blocks]
+
+    def generate(self, prompts: list[str], task: str | None = None, max_new_tokens: int | None = None) -> list[Answer]:
+        """Answer full prompts (as the model saw them in training: template, definition, input).
+
+        ``task`` is needed only by methods that are given the task id at test time (per-task-lora).
+        """
+        index = None
+        if self.method.task_id_at_test:
+            if task not in self.block_names:
+                raise PetmixError(f"method {self.method.name} needs the task id: task= one of {self.block_names}")
+            index = self.block_names.index(task)
+        cfg = GenerationConfig(max_new_tokens or self.config["max_new_tokens"], self.config["eval_batch_size"],
+                               self.config["max_source_len"], self.config["chat"])
+        with torch.no_grad():
+            texts, weights = generate(self.backbone, prompts, cfg, self.mix.prepare_fn(index), desc="predict")
+        self.mix.clear_weights()
+        return [Answer(t, dict(zip(self.block_names, w)) if w else None) for t, w in zip(texts, weights or [None] * len(texts))]
+
+
+def load(run_dir: str | Path, model: str | None = None) -> TrainedModel:
+    """Load a finished run's model; ``model`` overrides the backbone path recorded in the run."""
+    return TrainedModel(run_dir, model)

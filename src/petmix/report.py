@@ -1,0 +1,139 @@
+"""Tables and heatmaps of a run: the a[i][j] matrix, its metrics, and where the router sent inputs.
+
+The router heatmaps are SAPT's Figure 3: the mean weight each block receives on the inputs of each
+task, in the training phase (each task's own training inputs while it was learned) and in the test
+phase (every task's test inputs after the last stage).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from petmix.errors import PetmixError
+from petmix.runs import read_json
+
+
+def load_results(run_dir: str | Path) -> dict[str, Any]:
+    path = Path(run_dir) / "results.json"
+    if not path.is_file():
+        raise PetmixError(f"{path}: no results (is {run_dir} a petmix run directory?)")
+    return read_json(path)
+
+
+def _fmt(v: float | None) -> str:
+    return "-" if v is None else f"{v:.2f}"
+
+
+def matrix_table(results: dict[str, Any]) -> str:
+    """The accuracy matrix as a Markdown table, rows = after stage i, columns = tasks."""
+    tasks = results["tasks"]
+    head = "| after stage | " + " | ".join(tasks) + " |"
+    lines = [head, "|" + "---|" * (len(tasks) + 1)]
+    names = results.get("stage_names") or [str(i + 1) for i in range(len(results["matrix"]))]
+    for i, row in enumerate(results["matrix"]):
+        lines.append(f"| {i + 1}. {names[i]} | " + " | ".join(_fmt(v) for v in row) + " |")
+    return "\n".join(lines)
+
+
+def metrics_line(results: dict[str, Any]) -> str:
+    return "  ".join(f"{k} {_fmt(v)}" for k, v in results["metrics"].items())
+
+
+def test_router_weights(run_dir: str | Path, results: dict[str, Any]) -> list[list[float]] | None:
+    """Mean router weight per (test task, block) from the latest stage's predictions."""
+    rows = []
+    for task in results["tasks"]:
+        path = Path(run_dir) / "predictions" / f"{task}.jsonl"
+        if not path.is_file():
+            return None
+        weights = [json.loads(line).get("router_weights") for line in path.read_text().splitlines() if line]
+        weights = [w for w in weights if w]
+        if not weights:
+            return None
+        n = len(weights[0])
+        rows.append([sum(w[b] for w in weights) / len(weights) for b in range(n)])
+    return rows
+
+
+def train_router_weights(results: dict[str, Any]) -> list[list[float | None]] | None:
+    """Mean router weight per (task, block) on the task's own training inputs while it was learned."""
+    stages = results.get("stages") or []
+    rows = [s.get("train_router_weights") for s in stages]
+    if not rows or any(r is None for r in rows):
+        return None
+    width = max(len(r) for r in rows)
+    return [list(r) + [None] * (width - len(r)) for r in rows]
+
+
+def _heatmap(ax, data, row_labels, col_labels, title, vmax=None, fmt="{:.2f}") -> None:
+    import numpy as np
+
+    arr = np.array([[np.nan if v is None else v for v in row] for row in data], dtype=float)
+    im = ax.imshow(arr, cmap="viridis", vmin=0, vmax=vmax if vmax is not None else np.nanmax(arr) or 1)
+    ax.set_xticks(range(len(col_labels)), col_labels, rotation=45, ha="right", fontsize=7)
+    ax.set_yticks(range(len(row_labels)), row_labels, fontsize=7)
+    ax.set_title(title, fontsize=9)
+    for i in range(arr.shape[0]):
+        for j in range(arr.shape[1]):
+            if not np.isnan(arr[i, j]):
+                ax.text(j, i, fmt.format(arr[i, j]), ha="center", va="center", fontsize=6,
+                        color="white" if arr[i, j] < (np.nanmax(arr) or 1) * 0.6 else "black")
+    return im
+
+
+def short(name: str, n: int = 18) -> str:
+    return name if len(name) <= n else name[: n - 1] + "…"
+
+
+def write_heatmaps(run_dir: str | Path, results: dict[str, Any] | None = None) -> list[Path]:
+    """Write ``matrix.png`` and, for routed methods, ``router.png``; return the paths written."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    run_dir = Path(run_dir)
+    results = results or load_results(run_dir)
+    tasks = [short(t) for t in results["tasks"]]
+    stages = [f"{i + 1}. {short(n)}" for i, n in enumerate(results.get("stage_names") or tasks)]
+    written = []
+
+    fig, ax = plt.subplots(figsize=(1.2 + 0.7 * len(tasks), 1.2 + 0.5 * len(stages)))
+    im = _heatmap(ax, results["matrix"], stages, tasks, f"{results.get('method', 'scores')}: a[i][j] after stage i",
+                  vmax=100, fmt="{:.0f}")
+    fig.colorbar(im, ax=ax, fraction=0.046)
+    fig.tight_layout()
+    written.append(run_dir / "matrix.png")
+    fig.savefig(written[-1], dpi=130)
+    plt.close(fig)
+
+    test_w = test_router_weights(run_dir, results)
+    train_w = train_router_weights(results)
+    panels = [(w, t) for w, t in [(train_w, "training phase: own training inputs"),
+                                  (test_w, "test phase: test inputs after the last stage")] if w]
+    if panels and len(results["tasks"]) > 0:
+        fig, axes = plt.subplots(1, len(panels), figsize=(2 + 1.4 * len(tasks) * len(panels), 1.5 + 0.5 * len(tasks)))
+        axes = [axes] if len(panels) == 1 else list(axes)
+        for ax, (w, title) in zip(axes, panels):
+            blocks = [f"block {b + 1}" for b in range(max(len(r) for r in w))]
+            _heatmap(ax, w, tasks[: len(w)], blocks, title, vmax=1)
+        fig.suptitle("mean router weight per (task, block)", fontsize=10)
+        fig.tight_layout()
+        written.append(run_dir / "router.png")
+        fig.savefig(written[-1], dpi=130)
+        plt.close(fig)
+    return written
+
+
+def render_report(run_dir: str | Path) -> str:
+    results = load_results(run_dir)
+    parts = [f"run: {run_dir}", f"method: {results.get('method', 'eval')}"
+             + ("  (task id given at test time)" if results.get("task_id_at_test") else ""),
+             "", matrix_table(results), "", metrics_line(results)]
+    if results.get("trainable_params_per_task") is not None:
+        parts.append(f"trainable parameters per task: {results['trainable_params_per_task']:,}")
+    if results.get("wall_s") is not None:
+        parts.append(f"wall time: {results['wall_s']:.0f} s")
+    return "\n".join(parts)
