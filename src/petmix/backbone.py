@@ -105,18 +105,15 @@ class Backbone:
         }
 
 
-def resolve_model_path(name_or_path: str) -> Path:
-    """Return a local directory of HF weights for a path or a packaged alias (converting once)."""
+def resolve_model_path(name_or_path: str) -> Path | str:
+    """A local directory of HF weights for a path or a packaged alias (converting once); any other
+    name is passed on to transformers as is (a hub id, where the machine can reach a hub)."""
     path = Path(name_or_path).expanduser()
     if path.is_dir():
         return path
     if name_or_path in PACKAGED_MODELS:
         return _packaged_model(name_or_path)
-    known = ", ".join(PACKAGED_MODELS)
-    raise PetmixError(
-        f"model {name_or_path!r}: not a local directory and not a packaged model (known: {known}). "
-        "petmix loads models from local paths; it does not download from a model hub."
-    )
+    return name_or_path
 
 
 def _packaged_model(alias: str) -> Path:
@@ -171,7 +168,9 @@ def load_backbone(
     try:
         config = AutoConfig.from_pretrained(path)
     except (OSError, ValueError) as err:
-        raise PetmixError(f"{path}: cannot read a model config ({err})") from err
+        known = ", ".join(PACKAGED_MODELS)
+        raise PetmixError(f"model {name_or_path!r}: not a local model folder, not a packaged model ({known}), "
+                          f"and transformers could not load it by name ({str(err).splitlines()[0]})") from err
     family = "seq2seq" if getattr(config, "is_encoder_decoder", False) else "causal"
     auto = AutoModelForSeq2SeqLM if family == "seq2seq" else AutoModelForCausalLM
     model = auto.from_pretrained(path, dtype=dtype)
@@ -184,5 +183,5 @@ def load_backbone(
     model.eval()
     if device is not None:
         model.to(device)
-    name = name_or_path if name_or_path in PACKAGED_MODELS else str(path)
+    name = name_or_path if name_or_path in PACKAGED_MODELS or not Path(path).is_dir() else str(path)
     return Backbone(model=model, tokenizer=tokenizer, family=family, name=name, path=str(path))
