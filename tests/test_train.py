@@ -24,7 +24,8 @@ def make_tasks(n: int = 3, n_train: int = 12, n_test: int = 3) -> list[Task]:
 
 
 def run(path, out, method="sapt-lora", **kw):
-    settings = {"epochs": 1, "batch_size": 4, "lr": 5e-3, "max_new_tokens": 3, **kw}
+    # ARM with real inputs keeps these tests independent of the generator (tested in test_replay.py).
+    settings = {"epochs": 1, "batch_size": 4, "lr": 5e-3, "max_new_tokens": 3, "replay_source": "real", **kw}
     cfg = TrainConfig(method=method, model=str(path), **settings)
     return Trainer(cfg, make_tasks(), out).run()
 
@@ -63,7 +64,8 @@ def test_seq_lora_trains_one_block_throughout(tiny_llama_path, tmp_path):
 
 def test_backbone_stays_frozen(tiny_llama_path, tmp_path):
     before = {k: v.clone() for k, v in load_backbone(str(tiny_llama_path)).model.state_dict().items()}
-    cfg = TrainConfig(method="sapt-lora", model=str(tiny_llama_path), batch_size=4, lr=5e-3, max_new_tokens=2)
+    cfg = TrainConfig(method="sapt-lora", model=str(tiny_llama_path), batch_size=4, lr=5e-3, max_new_tokens=2,
+                      replay_source="real")
     trainer = Trainer(cfg, make_tasks(2), tmp_path / "run")
     trainer.run()
     for name, layer in trainer.mix.pool.layers.items():

@@ -29,6 +29,7 @@ from petmix.data.templates import format_prompt
 from petmix.errors import PetmixError
 from petmix.evaluate import GenerationConfig, evaluate_tasks
 from petmix.methods import Method, get_method
+from petmix.methods.sapt import AttentiveReflection
 from petmix.metrics import cl_metrics, single_row_metrics
 from petmix.mixture import Mixture
 from petmix.runs import read_json, save_tensors, write_json, write_jsonl
@@ -64,6 +65,15 @@ class TrainConfig:
     chat: bool = False
     checkpoint_every: int = 25  # optimiser steps between mid-stage checkpoints
     single_task_results: str | None = None
+    router_lr: float | None = None  # learning rate of the router (query projection, keys); default lr
+    # SAPT's attentive reflection (ARM); used by methods with attention routing. 0 switches it off.
+    kl_ratio: float = 1.0
+    replay_source: str = "generated"  # "generated" (SAPT) or "real" (oracle: real stored inputs)
+    replay_batch_size: int = 8
+    replay_every: int = 1  # micro-batches between reflection losses
+    heldout_fraction: float = 0.1  # part of each task's train split held out (ARM targets); never test
+    heldout_max: int = 32
+    generator: dict[str, Any] = field(default_factory=dict)  # GeneratorConfig overrides
 
     @classmethod
     def from_dict(cls, values: dict[str, Any], source: str = "config") -> TrainConfig:
@@ -90,10 +100,23 @@ class TrainConfig:
             (self.lora_r >= 1, "lora_r must be >= 1"),
             (self.eval_scope in ("seen", "all"), "eval_scope must be 'seen' or 'all'"),
             (self.max_source_len >= 8 and self.max_target_len >= 2, "max lengths too small"),
+            (self.kl_ratio >= 0, "kl_ratio must be >= 0"),
+            (self.replay_source in ("generated", "real"), "replay_source must be 'generated' or 'real'"),
+            (self.replay_batch_size >= 1 and self.replay_every >= 1, "replay_batch_size and replay_every must be >= 1"),
+            (0 < self.heldout_fraction < 1, "heldout_fraction must lie in (0, 1)"),
         ]
         for ok, problem in checks:
             if not ok:
                 raise PetmixError(f"{source}: {problem}")
+
+    def generator_config(self):
+        from petmix.replay.generator import GeneratorConfig
+
+        known = {f.name for f in dataclasses.fields(GeneratorConfig)}
+        unknown = sorted(set(self.generator) - known)
+        if unknown:
+            raise PetmixError(f"generator: unknown keys {unknown} (known: {sorted(known)})")
+        return GeneratorConfig(**{"bf16": self.bf16, "seed": self.seed, **self.generator})
 
     def generation(self) -> GenerationConfig:
         return GenerationConfig(self.max_new_tokens, self.eval_batch_size, self.max_source_len, self.chat)
@@ -123,6 +146,13 @@ class Trainer:
         self.stages: list[list[Task]] = [tasks] if self.method.joint else [[t] for t in tasks]
         self.state_dir = self.out / "state"
         self.single_task = self._single_task_scores()
+        # Every method trains on the same examples: each task's train split minus a held-out part.
+        self.splits = {t.name: t.heldout_split(cfg.heldout_fraction, cfg.seed, cfg.heldout_max)
+                       if len(t.train) > 1 else (t.train, t.train) for t in tasks}
+        self.arm = None
+        if self.method.routing == "attention" and cfg.kl_ratio > 0:
+            self.arm = AttentiveReflection(self.out, cfg.kl_ratio, cfg.replay_source,
+                                           cfg.replay_batch_size, cfg.replay_every)
 
     # ---- run directory -------------------------------------------------------------------
     def _check_run_dir(self) -> dict[str, Any]:
@@ -206,8 +236,8 @@ class Trainer:
     def _train_stage(self, stage: int, resume: tuple | None) -> dict[str, Any]:
         cfg, acc = self.cfg, self.accelerator
         stage_tasks = self.stages[stage]
-        examples = [ex for t in stage_tasks for ex in t.train]
-        owners = [i for i, t in enumerate(stage_tasks) for _ in t.train]
+        examples = [ex for t in stage_tasks for ex in self.splits[t.name][0]]
+        owners = [i for i, t in enumerate(stage_tasks) for _ in self.splits[t.name][0]]
         if not examples:
             raise PetmixError(f"task {stage_tasks[0].name}: no training examples")
         prompt_ids, answer_ids = self._encode(examples, stage_tasks, owners)
@@ -215,8 +245,8 @@ class Trainer:
         if resume is None:
             trainable = self.method.begin_task(self.mix, stage)
         else:  # blocks already restored from the checkpoint: only re-select what trains
-            trainable = self._reselect_trainable(stage)
-        optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=0.0)  # constant lr, as SAPT
+            trainable = self.method.select_trainable(self.mix)
+        optimizer = self._optimizer(trainable)
         progress = {"stage": stage, "epoch": 0, "batch": 0, "step": 0, "stage_done": False, "evaluated": False}
         if resume is not None:
             progress, tensors, meta = resume
@@ -232,7 +262,10 @@ class Trainer:
         task_index = self.method.routing_index(stage)
         self.mix.train()
         # Running sums survive a resume, so a resumed stage reports what an uninterrupted one does.
+        if self.arm is not None:
+            self.arm.prepare_stage(self.mix, self.tasks[:stage], cfg.max_source_len, cfg.chat)
         stats = {"weight_sum": torch.zeros(self.mix.num_blocks, dtype=torch.float64),
+                 "kl_sum": torch.zeros((), dtype=torch.float64),
                  "loss_sum": torch.zeros((), dtype=torch.float64), "n_seen": torch.zeros((), dtype=torch.float64),
                  "n_batches": torch.zeros((), dtype=torch.float64), "train_s": torch.zeros((), dtype=torch.float64)}
         if resume is not None:
@@ -249,7 +282,11 @@ class Trainer:
             batch = {k: v.to(acc.device) for k, v in batch.items()}
             with acc.autocast():
                 loss, weights = self.mix(batch, task_index)
-            acc.backward(loss / cfg.grad_accum)
+                reflection = self.arm.loss(self.mix, done_batches) if self.arm is not None else None
+            total = loss if reflection is None else loss + reflection
+            acc.backward(total / cfg.grad_accum)
+            if reflection is not None:
+                stats["kl_sum"] += float(reflection.detach())
             stats["weight_sum"] += weights.detach().double().sum(0).cpu()
             stats["loss_sum"] += float(loss.detach())
             stats["n_seen"] += len(idx)
@@ -276,22 +313,48 @@ class Trainer:
         mean_loss = float(stats["loss_sum"] / stats["n_batches"].clamp(min=1))
         log.info("stage %d (%s): %d steps, mean loss %.4f, %.1f s", stage + 1, name, progress["step"], mean_loss, train_s)
         info = {"train_s": round(train_s, 1), "steps": progress["step"], "mean_loss": round(mean_loss, 5),
+                "mean_reflection_loss": (round(float(stats["kl_sum"] / stats["n_batches"].clamp(min=1)), 6)
+                                         if self.arm is not None and stage > 0 else None),
                 "train_router_weights": ([round(float(w), 6) for w in stats["weight_sum"] / stats["n_seen"]]
                                          if self.mix.routing == "attention" else None)}
+        if self.arm is not None:
+            info.update(self._reflect(stage))
         progress.update(stage_done=True, evaluated=False, info=info)
         self._save_state(progress, None)
         return info
 
-    def _reselect_trainable(self, stage: int) -> list[torch.nn.Parameter]:
-        # Same set begin_task chose, without adding a block (the checkpoint already holds it).
-        self.mix.requires_grad_(False)
-        current = self.mix.num_blocks - 1
-        trainable = list(self.mix.pool.block_parameters(current))
-        if self.mix.router is not None:
-            trainable += list(self.mix.router.query.parameters()) + [self.mix.router.keys[current]]
-        for p in trainable:
-            p.requires_grad_(True)
-        return trainable
+    def _optimizer(self, trainable: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+        # Constant learning rate, as SAPT. The router may get its own rate (router_lr).
+        router = {id(p) for p in self.mix.router.parameters()} if self.mix.router is not None else set()
+        groups = [{"params": [p for p in trainable if id(p) not in router], "lr": self.cfg.lr}]
+        routed = [p for p in trainable if id(p) in router]
+        if routed:
+            groups.append({"params": routed, "lr": self.cfg.router_lr or self.cfg.lr})
+        return torch.optim.AdamW(groups, lr=self.cfg.lr, weight_decay=0.0)
+
+    def _reflect(self, stage: int) -> dict[str, Any]:
+        """ARM after a stage: store the task's attention target; make its pseudo-inputs (not after the last)."""
+        assert self.arm is not None
+        cfg, task = self.cfg, self.tasks[stage]
+        with self.accelerator.autocast():
+            target = self.arm.store_target(self.mix, task, self.splits[task.name][1], cfg.max_source_len, cfg.chat)
+        info: dict[str, Any] = {"arm_target": target, "replay": self.arm.label}
+        if stage == len(self.tasks) - 1:
+            return info
+        started = time.time()
+        gcfg = cfg.generator_config()
+        keep = gcfg.keep or max(gcfg.min_keep, round(gcfg.keep_fraction * len(task.train)))
+        if cfg.replay_source == "real":
+            inputs = self.arm.real_inputs(task, keep, cfg.seed)
+            details: dict[str, Any] = {"kept": len(inputs), "oracle": True}
+        else:
+            from petmix.replay.generator import generate_pseudo_inputs
+
+            inputs, details = generate_pseudo_inputs(cfg.model, task, gcfg, n_train=len(task.train))
+        self.arm.store_pool(task, inputs, details)
+        info.update(pseudo_inputs=len(inputs), replay_s=round(time.time() - started, 1))
+        log.info("%s: %d pseudo-inputs for %s in %.1f s", self.arm.label, len(inputs), task.name, time.time() - started)
+        return info
 
     def _assert_gradients(self, trainable: list[torch.nn.Parameter]) -> None:
         allowed = {id(p) for p in trainable}

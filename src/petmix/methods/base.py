@@ -28,6 +28,10 @@ class Method:
         """Add this task's block (if the method does), freeze everything else, return what trains."""
         if self.new_block_per_task or mix.num_blocks == 0:
             mix.add_task()
+        return self.select_trainable(mix)
+
+    def select_trainable(self, mix: Mixture) -> list[nn.Parameter]:
+        """Freeze everything but the newest block (and, with a router, its key and the query projection)."""
         mix.requires_grad_(False)
         current = mix.num_blocks - 1
         trainable = list(mix.pool.block_parameters(current))

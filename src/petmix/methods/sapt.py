@@ -1,0 +1,135 @@
+"""SAPT's attentive reflection module (ARM).
+
+After task j is learned, the router's mean weight vector over held-out inputs of task j is stored
+as its target. While a later task t trains, pseudo-inputs of every earlier task go through the
+router and ``kl_ratio * KL(target_j || current)`` is added to the loss, the target padded with
+zeros for tasks j+1..t. Only the query projection and the current key can receive this gradient:
+the LoRA blocks are not on the path, and earlier keys are frozen.
+
+Pseudo-inputs come from a per-task generator (``replay_source="generated"``) or, as a clearly
+labelled oracle variant, from real training inputs (``replay_source="real"``).
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from petmix.backbone import Backbone
+from petmix.data.collate import encode_prompts, prompt_batch
+from petmix.data.task import Example, Task
+from petmix.data.templates import format_prompt
+from petmix.mixture import Mixture
+from petmix.runs import read_json, write_json, write_jsonl
+
+log = logging.getLogger(__name__)
+
+REPLAY_SOURCES = ("generated", "real")
+
+
+def padded_target(target: list[float], num_tasks: int) -> torch.Tensor:
+    """The stored attention vector of an earlier task, zero-padded to the current number of tasks."""
+    if len(target) > num_tasks:
+        raise ValueError(f"target over {len(target)} tasks cannot be padded to {num_tasks}")
+    return torch.tensor(list(target) + [0.0] * (num_tasks - len(target)), dtype=torch.float32)
+
+
+def reflection_kl(current: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """KL(target || current), averaged over the batch; ``current [B, n]`` are router weights."""
+    log_current = torch.log(current.float().clamp_min(1e-12))
+    return F.kl_div(log_current, target.to(current.device).expand_as(current), reduction="batchmean")
+
+
+class AttentiveReflection:
+    """Targets and pseudo-input pools of earlier tasks, and the reflection loss."""
+
+    def __init__(self, run_dir: Path, kl_ratio: float, replay_source: str, batch_size: int, every: int):
+        if replay_source not in REPLAY_SOURCES:
+            raise ValueError(f"replay_source must be one of {REPLAY_SOURCES}")
+        self.dir = Path(run_dir)
+        self.kl_ratio = kl_ratio
+        self.replay_source = replay_source
+        self.batch_size = batch_size
+        self.every = every
+        self.targets: dict[str, list[float]] = {}
+        self.pools: dict[str, list[str]] = {}
+        self._encoded: dict[str, list[list[int]]] = {}
+        state = self.dir / "arm.json"
+        if state.is_file():  # a resumed run keeps its targets and pseudo-inputs
+            saved = read_json(state)
+            self.targets, self.pools = saved["targets"], saved["pools"]
+
+    @property
+    def label(self) -> str:
+        return "ARM (real inputs: oracle)" if self.replay_source == "real" else "ARM (generated inputs)"
+
+    def _save(self) -> None:
+        write_json(self.dir / "arm.json", {"kl_ratio": self.kl_ratio, "replay_source": self.replay_source,
+                                           "oracle": self.replay_source == "real",
+                                           "targets": self.targets, "pools": self.pools})
+
+    @torch.no_grad()
+    def store_target(self, mix: Mixture, task: Task, heldout: list[Example], max_source_len: int, chat: bool) -> list[float]:
+        """Mean router weights over held-out training inputs of a task just learned."""
+        weights = self._route(mix, task, [ex.input for ex in heldout], max_source_len, chat, mix.num_blocks)
+        target = [round(float(w), 8) for w in weights.mean(0)]
+        self.targets[task.name] = target
+        self._save()
+        return target
+
+    def store_pool(self, task: Task, inputs: list[str], info: dict[str, Any]) -> None:
+        self.pools[task.name] = list(inputs)
+        write_jsonl(self.dir / "pseudo" / f"{task.name}.jsonl",
+                    [{"input": x, "source": self.replay_source} for x in inputs])
+        write_json(self.dir / "pseudo" / f"{task.name}.json", {**info, "replay_source": self.replay_source,
+                                                               "oracle": self.replay_source == "real"})
+        self._save()
+
+    @staticmethod
+    def real_inputs(task: Task, keep: int, seed: int) -> list[str]:
+        """Oracle variant: a seeded sample of real training inputs."""
+        rng = random.Random(seed)
+        inputs = [ex.input for ex in task.train]
+        return rng.sample(inputs, min(keep, len(inputs)))
+
+    def _route(self, mix: Mixture, task: Task, inputs: list[str], max_source_len: int, chat: bool, n: int) -> torch.Tensor:
+        backbone: Backbone = mix.backbone
+        prompts = [backbone.render(format_prompt(task, x), chat) for x in inputs]
+        ids = encode_prompts(backbone.tokenizer, prompts, max_source_len)
+        return self._route_ids(mix, ids, n)
+
+    @staticmethod
+    def _route_ids(mix: Mixture, ids: list[list[int]], n: int) -> torch.Tensor:
+        batch = prompt_batch(mix.backbone.tokenizer, ids, left=False)
+        input_ids = batch["input_ids"].to(mix.backbone.device)
+        assert mix.router is not None
+        return mix.router(mix.backbone.embed(input_ids), batch["source_mask"].to(input_ids.device), n)
+
+    def prepare_stage(self, mix: Mixture, earlier: list[Task], max_source_len: int, chat: bool) -> None:
+        """Tokenise the pseudo-inputs of the earlier tasks once per stage."""
+        backbone = mix.backbone
+        self._encoded = {}
+        for task in earlier:
+            pool = self.pools.get(task.name) or []
+            if pool and task.name in self.targets:
+                prompts = [backbone.render(format_prompt(task, x), chat) for x in pool]
+                self._encoded[task.name] = encode_prompts(backbone.tokenizer, prompts, max_source_len)
+
+    def loss(self, mix: Mixture, micro_batch: int) -> torch.Tensor | None:
+        """Sum over earlier tasks of KL(target || router weights) on one pseudo batch each."""
+        if self.kl_ratio <= 0 or not self._encoded or micro_batch % self.every:
+            return None
+        n = mix.num_blocks
+        total = None
+        for name, ids in self._encoded.items():
+            start = (micro_batch // self.every * self.batch_size) % len(ids)  # deterministic cycling
+            chosen = [ids[(start + k) % len(ids)] for k in range(min(self.batch_size, len(ids)))]
+            current = self._route_ids(mix, chosen, n)
+            kl = reflection_kl(current, padded_target(self.targets[name], n))
+            total = kl if total is None else total + kl
+        return None if total is None else self.kl_ratio * total
