@@ -9,12 +9,12 @@ import torch
 from safetensors.torch import load_file
 
 from petmix.backbone import load_backbone
-from petmix.blocks.lora import LoRAConfig
 from petmix.errors import PetmixError
 from petmix.evaluate import GenerationConfig, generate
 from petmix.methods import get_method
 from petmix.mixture import Mixture
 from petmix.runs import read_json
+from petmix.train import TrainConfig, block_config
 
 
 @dataclass
@@ -34,8 +34,8 @@ class TrainedModel:
         self.config = read_json(cfg_path)
         self.method = get_method(self.config["method"])
         self.backbone = load_backbone(model or self.config["model"])
-        lora = LoRAConfig(self.config["lora_r"], self.config["lora_alpha"], 0.0, list(self.config["target_modules"]))
-        self.mix = Mixture(self.backbone, lora, self.method.routing, self.config["router_hidden"])
+        cfg = TrainConfig.from_dict({**self.config, "tasks": [], "lora_dropout": 0.0}, str(cfg_path))
+        self.mix = Mixture(self.backbone, block_config(cfg, self.method), self.method.routing, cfg.router_hidden)
         self.mix.load_adapter_state(load_file(adapters))
         self.mix.eval()
         self.block_names = list(self.config["tasks"]) if self.method.new_block_per_task else ["shared"]

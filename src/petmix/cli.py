@@ -136,7 +136,7 @@ def _train_config(args: argparse.Namespace):
         if not isinstance(loaded, dict):
             raise PetmixError(f"{path}: expected a mapping of settings at the top level")
         values.update({k.replace("-", "_"): v for k, v in loaded.items()})
-    skip = {"func", "command", "config", "out", "verbose"}
+    skip = {"func", "command", "config", "out", "verbose", "methods"}
     values.update({k: v for k, v in vars(args).items() if k not in skip})  # flags override the file
     source = args.config or "command line"
     return TrainConfig.from_dict(values, source)
@@ -161,6 +161,29 @@ def cmd_train(args: argparse.Namespace) -> int:
     print(render_report(out))
     for path in write_heatmaps(out):
         print(f"wrote {path}")
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from petmix.compare import Entry, markdown_table, run_comparison
+    from petmix.data.loaders import load_tasks
+    from petmix.data.streams import resolve_stream
+    from petmix.runs import setup_logging
+
+    out = Path(args.out)
+    setup_logging(out, args.verbose)
+    cfg = _train_config(args)
+    entries = [Entry.parse(m.strip()) for m in args.methods.split(",") if m.strip()]
+    if not entries:
+        raise PetmixError("--methods: give at least one method")
+    specs = cfg.tasks or resolve_stream(cfg.stream or "default")
+    tasks = load_tasks(specs, cfg.data, max_train=cfg.max_train, max_test=cfg.max_test, seed=cfg.seed)
+    base = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "method"}
+    rows = run_comparison(entries, base, tasks, out)
+    print(markdown_table(rows))
+    print(f"wrote {out / 'table.md'}, {out / 'table.csv'}, {out / 'matrices.png'}")
     return 0
 
 
@@ -223,6 +246,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chat", action="store_true", default=argparse.SUPPRESS, help="wrap prompts in the chat template")
     p.add_argument("--out", required=True, help="run directory (an existing one is resumed)")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("compare", help="run several methods on one stream; one table of AP, F.Ra, FWT, BWT")
+    p.add_argument("--methods", required=True,
+                   help="comma-separated entries: method, or label=method:key=value:... (e.g. no-arm=sapt-lora:kl_ratio=0)")
+    p.add_argument("--config", help="YAML file of shared settings (flags override it)")
+    for flag, kind, text in TRAIN_FLAGS:
+        if flag != "--method":
+            p.add_argument(flag, type=kind, help=text, default=argparse.SUPPRESS)
+    p.add_argument("--bf16", action="store_true", default=argparse.SUPPRESS, help="bfloat16 autocast")
+    p.add_argument("--chat", action="store_true", default=argparse.SUPPRESS, help="wrap prompts in the chat template")
+    p.add_argument("--out", required=True, help="comparison directory (one run directory per entry)")
+    p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("report", help="print a run's matrix and metrics; write matrix.png and router.png")
     p.add_argument("run")

@@ -16,19 +16,26 @@ from torch import nn
 
 from petmix.backbone import Backbone
 from petmix.blocks.lora import LoRAConfig, LoRAPool
+from petmix.blocks.prompt import PromptConfig, PromptPool
 from petmix.router import SharedAttentionRouter
 
 ROUTINGS = ("attention", "sum", "task")
 
 
 class Mixture(nn.Module):
-    def __init__(self, backbone: Backbone, lora: LoRAConfig, routing: str = "attention", router_hidden: int = 100):
+    def __init__(self, backbone: Backbone, blocks: LoRAConfig | PromptConfig, routing: str = "attention",
+                 router_hidden: int = 100, seed: int = 0):
         super().__init__()
         if routing not in ROUTINGS:
             raise ValueError(f"routing must be one of {ROUTINGS}, not {routing!r}")
         self.backbone = backbone
         self.model = backbone.model  # registered, so .parameters() and accelerate see every weight
-        self.pool = LoRAPool(backbone.model, lora, backbone.family)
+        self.pool: LoRAPool | PromptPool
+        if isinstance(blocks, PromptConfig):
+            self.pool = PromptPool(backbone, blocks, seed)
+            self.prompts = self.pool.prompts  # registered here: prompts live outside the backbone
+        else:
+            self.pool = LoRAPool(backbone.model, blocks, backbone.family)  # layers live inside it
         self.routing = routing
         self.router = SharedAttentionRouter(backbone.hidden_size, router_hidden) if routing == "attention" else None
         if self.router is not None:
@@ -61,11 +68,10 @@ class Mixture(nn.Module):
     def forward(self, batch: dict[str, torch.Tensor], task_index: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Training loss on answer tokens, and the weights used."""
         weights = self.weights_for(batch["input_ids"], batch["source_mask"], task_index)
-        self.pool.mix.weights = weights
         try:
-            out = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
+            out = self.model(**self.pool.model_inputs(batch, weights))
         finally:
-            self.pool.mix.weights = None
+            self.pool.clear()
         return out.loss, weights
 
     def prepare_fn(self, task_index: int | None = None) -> Callable[[dict[str, torch.Tensor]], tuple[dict[str, Any], torch.Tensor]]:
@@ -73,13 +79,12 @@ class Mixture(nn.Module):
 
         def prepare(batch: dict[str, torch.Tensor]) -> tuple[dict[str, Any], torch.Tensor]:
             weights = self.weights_for(batch["input_ids"], batch["source_mask"], task_index)
-            self.pool.mix.weights = weights
-            return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}, weights
+            return self.pool.model_inputs(batch, weights), weights
 
         return prepare
 
     def clear_weights(self) -> None:
-        self.pool.mix.weights = None
+        self.pool.clear()
 
     # Saved state: the blocks, keys and router only (the backbone is frozen and stored elsewhere).
     def adapter_state(self) -> dict[str, torch.Tensor]:

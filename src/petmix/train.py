@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from petmix.backbone import DEFAULT_MODEL, Backbone, load_backbone
 from petmix.blocks.lora import LoRAConfig
+from petmix.blocks.prompt import PromptConfig
 from petmix.data.collate import encode_answers, encode_prompts, training_batch
 from petmix.data.task import Example, Task
 from petmix.data.templates import format_prompt
@@ -58,6 +59,8 @@ class TrainConfig:
     lora_alpha: float = 32.0
     lora_dropout: float = 0.0
     target_modules: list[str] = field(default_factory=list)
+    prompt_length: int = 10  # prompt methods: soft prompt tokens per block
+    prompt_init: str = "vocab"  # "vocab" (random vocabulary embeddings) or a saved prompt (.safetensors)
     router_hidden: int = 100
     eval_scope: str = "seen"  # "seen": tasks 1..t after stage t; "all": every task after every stage
     eval_batch_size: int = 16
@@ -122,6 +125,12 @@ class TrainConfig:
         return GenerationConfig(self.max_new_tokens, self.eval_batch_size, self.max_source_len, self.chat)
 
 
+def block_config(cfg: TrainConfig, method: Method) -> LoRAConfig | PromptConfig:
+    if method.block == "prompt":
+        return PromptConfig(cfg.prompt_length, cfg.prompt_init)
+    return LoRAConfig(cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, list(cfg.target_modules))
+
+
 def _stage_order(n: int, seed: int, stage: int, epoch: int) -> list[int]:
     g = torch.Generator().manual_seed(seed * 1_000_003 + stage * 1009 + epoch)
     return torch.randperm(n, generator=g).tolist()
@@ -141,8 +150,7 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         self.backbone = backbone or load_backbone(cfg.model)
         self.backbone.model.to(self.accelerator.device)
-        lora = LoRAConfig(cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, list(cfg.target_modules))
-        self.mix = Mixture(self.backbone, lora, self.method.routing, cfg.router_hidden)
+        self.mix = Mixture(self.backbone, block_config(cfg, self.method), self.method.routing, cfg.router_hidden, cfg.seed)
         self.stages: list[list[Task]] = [tasks] if self.method.joint else [[t] for t in tasks]
         self.state_dir = self.out / "state"
         self.single_task = self._single_task_scores()

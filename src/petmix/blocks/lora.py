@@ -111,6 +111,14 @@ class LoRAPool:
     def block_parameters(self, i: int) -> list[nn.Parameter]:
         return [p for layer in self.layers.values() for p in (layer.lora_A[i], layer.lora_B[i])]
 
+    def model_inputs(self, batch: dict[str, torch.Tensor], weights: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Set the weights every pooled layer reads during the next forward (or generate) call."""
+        self.mix.weights = weights
+        return {k: batch[k] for k in ("input_ids", "attention_mask", "labels") if k in batch}
+
+    def clear(self) -> None:
+        self.mix.weights = None
+
     def state_dict(self) -> dict[str, torch.Tensor]:
         out = {}
         for name, layer in self.layers.items():

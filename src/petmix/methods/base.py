@@ -17,6 +17,7 @@ class Method:
     routing: str                 # "attention" | "sum" | "task" (see petmix.mixture)
     new_block_per_task: bool     # False: one block, trained on in sequence
     joint: bool = False          # True: one stage on all tasks at once (multi-task learning)
+    block: str = "lora"          # "lora" | "prompt" (see petmix.blocks)
     summary: str = ""
     paper: str = ""
 
@@ -68,6 +69,14 @@ METHODS: dict[str, Method] = {
                summary="one LoRA per task, evaluated with the true task's block (task id given): single-task scores"),
         Method("mtl-lora", "sum", False, joint=True,
                summary="one LoRA on all tasks jointly (multi-task learning): upper reference"),
+        Method("sapt-prompt", "attention", True, block="prompt",
+               summary="SAPT with a soft prompt per task: the instance prompt is the router-weighted sum",
+               paper="Zhao et al., ACL 2024"),
+        Method("seq-prompt", "sum", False, block="prompt", summary="one soft prompt trained on the tasks in sequence"),
+        Method("per-task-prompt", "task", True, block="prompt",
+               summary="one soft prompt per task, evaluated with the true task's prompt (task id given)"),
+        Method("mtl-prompt", "sum", False, joint=True, block="prompt",
+               summary="one soft prompt on all tasks jointly: upper reference"),
     ]
 }
 

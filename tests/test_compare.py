@@ -1,0 +1,44 @@
+"""petmix compare: several methods on one stream, one table."""
+
+from __future__ import annotations
+
+import csv
+
+import pytest
+from test_train import make_tasks
+
+from petmix.cli import main
+from petmix.compare import Entry, run_comparison
+from petmix.errors import PetmixError
+
+
+def test_entry_parse():
+    assert Entry.parse("seq-lora") == Entry("seq-lora", "seq-lora", {})
+    e = Entry.parse("no-arm=sapt-lora:kl_ratio=0:replay-source=real")
+    assert e == Entry("no-arm", "sapt-lora", {"kl_ratio": 0, "replay_source": "real"})
+    with pytest.raises(PetmixError):
+        Entry.parse("sapt-lora:kl_ratio")
+
+
+def test_comparison_table_and_resume(tiny_llama_path, tmp_path):
+    base = {"model": str(tiny_llama_path), "epochs": 1, "batch_size": 4, "lr": 5e-3, "max_new_tokens": 2,
+            "replay_source": "real"}
+    entries = [Entry.parse("sapt-lora"), Entry.parse("seq-lora"), Entry.parse("per-task-lora"), Entry.parse("mtl-lora")]
+    rows = run_comparison(entries, base, make_tasks(2), tmp_path / "cmp")
+    assert [r["label"] for r in rows] == ["sapt-lora", "seq-lora", "per-task-lora", "mtl-lora"]
+    by = {r["label"]: r for r in rows}
+    assert by["sapt-lora"]["FWT"] is not None  # per-task-lora ran first and gave single-task scores
+    assert by["per-task-lora"]["FWT"] == pytest.approx(0.0)
+    assert "task id given" in by["per-task-lora"]["note"] and "joint" in by["mtl-lora"]["note"]
+    assert by["sapt-lora"]["trainable/task"] > by["seq-lora"]["trainable/task"]  # + router
+    table = list(csv.reader((tmp_path / "cmp" / "table.csv").open()))
+    assert table[0][:5] == ["method", "AP", "F.Ra", "FWT", "BWT"] and len(table) == 5
+    assert (tmp_path / "cmp" / "matrices.png").stat().st_size > 0
+    mtime = (tmp_path / "cmp" / "seq-lora" / "results.json").stat().st_mtime
+    run_comparison(entries, base, make_tasks(2), tmp_path / "cmp")  # finished entries are read, not re-run
+    assert (tmp_path / "cmp" / "seq-lora" / "results.json").stat().st_mtime == mtime
+
+
+def test_compare_cli_bad_entry_exits_2(tmp_path, capsys):
+    assert main(["compare", "--methods", "sapt-lora:oops", "--out", str(tmp_path / "c")]) == 2
+    assert "key=value" in capsys.readouterr().err

@@ -1,0 +1,79 @@
+"""Soft-prompt pools: mixing, placement in front of the input, and SAPT with prompt blocks."""
+
+from __future__ import annotations
+
+import torch
+
+from petmix.backbone import load_backbone
+from petmix.blocks.prompt import PromptConfig, PromptPool
+from petmix.data.collate import encode_answers, encode_prompts, prompt_batch, training_batch
+from petmix.mixture import Mixture
+from petmix.runs import save_tensors
+from petmix.train import TrainConfig, Trainer
+from test_train import make_tasks
+
+
+def test_prompt_mixing_equals_naive_loop(tiny_llama_path):
+    pool = PromptPool(load_backbone(str(tiny_llama_path)), PromptConfig(length=3))
+    for _ in range(4):
+        pool.add_block()
+    w = torch.softmax(torch.randn(5, 4), dim=-1)
+    got = pool.mixed(w)
+    for b in range(5):
+        want = sum(w[b, i] * pool.prompts[i] for i in range(4))
+        torch.testing.assert_close(got[b], want)
+
+
+def test_prompt_init_from_vocabulary_and_file(tiny_llama_path, tmp_path):
+    backbone = load_backbone(str(tiny_llama_path))
+    pool = PromptPool(backbone, PromptConfig(length=4, vocab_top=50))
+    pool.add_block()
+    emb = backbone.model.get_input_embeddings().weight[:50]
+    for row in pool.prompts[0]:  # every token is the embedding of one of the first 50 ids
+        assert torch.isclose(emb, row).all(-1).any()
+    save_tensors(tmp_path / "p.safetensors", {"prompt": torch.full((4, backbone.hidden_size), 0.5)})
+    pool = PromptPool(backbone, PromptConfig(length=4, init=str(tmp_path / "p.safetensors")))
+    pool.add_block()
+    assert torch.all(pool.prompts[0] == 0.5)
+
+
+def test_left_padded_prompt_keeps_positions(tiny_llama_path):
+    """A padded row generates exactly what it generates alone: pads stay in front of the prompt."""
+    backbone = load_backbone(str(tiny_llama_path))
+    mix = Mixture(backbone, PromptConfig(length=3), "sum")
+    mix.add_task()
+    tok = backbone.tokenizer
+    ids = encode_prompts(tok, ["Input: the cat\nOutput: ", "Input: two plus two, longer one?\nOutput: "], 64)
+    both = prompt_batch(tok, ids, left=True)
+    kwargs, _ = mix.prepare_fn()(both)
+    assert kwargs["attention_mask"][0, : both["attention_mask"][0].eq(0).sum()].eq(0).all()
+    out_both = backbone.model.generate(**kwargs, max_new_tokens=4, do_sample=False, pad_token_id=tok.pad_token_id)
+    alone, _ = mix.prepare_fn()(prompt_batch(tok, ids[:1], left=True))
+    out_alone = backbone.model.generate(**alone, max_new_tokens=4, do_sample=False, pad_token_id=tok.pad_token_id)
+    assert out_both[0].tolist() == out_alone[0].tolist()
+
+
+def test_prompt_training_batch_masks_prompt_positions(tiny_model_path):
+    backbone = load_backbone(str(tiny_model_path))
+    mix = Mixture(backbone, PromptConfig(length=2), "attention")
+    mix.add_task()
+    tok = backbone.tokenizer
+    batch = training_batch(tok, encode_prompts(tok, ["say yes"], 32), encode_answers(tok, ["yes"], 4),
+                           backbone.is_seq2seq)
+    loss, weights = mix(batch)
+    assert torch.isfinite(loss) and weights.shape == (1, 1)
+    loss.backward()
+    assert mix.pool.prompts[0].grad is not None
+
+
+def test_sapt_prompt_trains_one_prompt_per_task(tiny_model_path, tmp_path):
+    cfg = TrainConfig(method="sapt-prompt", model=str(tiny_model_path), batch_size=4, lr=5e-3, max_new_tokens=2,
+                      prompt_length=2, replay_source="real")
+    res = Trainer(cfg, make_tasks(2), tmp_path / "run").run()
+    from safetensors.torch import load_file
+
+    s1 = load_file(tmp_path / "run" / "checkpoints" / "stage-1.safetensors")
+    s2 = load_file(tmp_path / "run" / "checkpoints" / "stage-2.safetensors")
+    assert set(s2) >= {"prompt.0", "prompt.1", "router.keys.1"}
+    assert torch.equal(s1["prompt.0"], s2["prompt.0"])  # the first prompt is frozen in stage 2
+    assert res["trainable_params_per_task"] > 0 and len(res["matrix"]) == 2
