@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+from test_train import make_tasks
 
 from petmix.backbone import load_backbone
 from petmix.blocks.prompt import PromptConfig, PromptPool
@@ -10,7 +11,6 @@ from petmix.data.collate import encode_answers, encode_prompts, prompt_batch, tr
 from petmix.mixture import Mixture
 from petmix.runs import save_tensors
 from petmix.train import TrainConfig, Trainer
-from test_train import make_tasks
 
 
 def test_prompt_mixing_equals_naive_loop(tiny_llama_path):
