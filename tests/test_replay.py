@@ -171,3 +171,12 @@ def test_save_load_round_trip(tmp_path):
     save_pseudo_inputs(tmp_path, "empty", [], {})
     assert load_pseudo_inputs(tmp_path, "empty") == []
     assert not [p for p in (tmp_path / "pseudo").iterdir() if p.name.startswith(".")]  # no temp files left
+
+
+def test_parse_tolerates_garbled_separator_and_drops_punctuation():
+    from petmix.replay.generator import parse_generation
+
+    assert parse_generation("Definition: x __inp _ the cat sat") == "the cat sat"
+    assert parse_generation("def _ _inp__ yes") == "yes"
+    assert parse_generation("def __inp__ .") is None
+    assert parse_generation("def inp yes") is None

@@ -17,6 +17,7 @@ import gc
 import json
 import logging
 import math
+import re
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -95,13 +96,23 @@ def generator_target(definition: str, text: str, separator: str = "__inp__") -> 
     return f"{definition.strip()} {separator} {text.strip()}".strip()
 
 
+def _separator_pattern(separator: str) -> re.Pattern[str]:
+    # Sampling with a repetition penalty often garbles the underscores of "__inp__" ("__inp _"):
+    # accept any run of underscores and spaces around the separator's core word.
+    core = separator.strip("_ ")
+    if not core or core == separator:
+        return re.compile(re.escape(separator))
+    return re.compile(r"_[_ ]*" + re.escape(core) + r"[_ ]*_")
+
+
 def _parse(text: str, separator: str, max_chars: int) -> tuple[str | None, str | None]:
     """(input, None) or (None, reason)."""
-    if separator not in text:
+    parts = _separator_pattern(separator).split(text, maxsplit=2)
+    if len(parts) < 2:
         return None, "no_separator"
     # The text after the first separator; a generator that repeats the pattern is cut at the next one.
-    body = text.split(separator, 2)[1].strip()
-    if not body:
+    body = parts[1].strip()
+    if not any(ch.isalnum() for ch in body):  # nothing, or punctuation only
         return None, "empty"
     if len(body) > max_chars:
         return None, "too_long"
