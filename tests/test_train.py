@@ -155,3 +155,29 @@ def test_config_validation():
         TrainConfig.from_dict({"method": "nope"})
     cfg = TrainConfig.from_dict({"tasks": "a,b", "batch-size": 2})
     assert cfg.tasks == ["a", "b"] and cfg.batch_size == 2
+
+
+def test_data_parallel_under_accelerate_launch(tiny_llama_path, tmp_path):
+    """Two CPU processes (gloo): batches are split, gradients averaged, the main process writes."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    data = tmp_path / "data"
+    for name, word in (("alpha", "yes"), ("beta", "no")):
+        (data / name).mkdir(parents=True)
+        for split in ("train", "test"):
+            lines = [json.dumps({"input": f"{name} item {i}", "output": word}) for i in range(10)]
+            (data / name / f"{split}.jsonl").write_text("\n".join(lines) + "\n")
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "petmix.cli", "train", "--model",
+           str(tiny_llama_path), "--data", str(data), "--tasks", "alpha,beta", "--epochs", "1", "--batch-size", "4",
+           "--replay-source", "real", "--max-new-tokens", "2", "--out", str(out)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = read_json(out / "results.json")
+    assert len(res["matrix"]) == 2 and res["stages"][1]["steps"] == 3  # 9 train examples / batch 4
+    assert proc.stdout.count("AP ") == 1  # one report, from the main process

@@ -92,7 +92,8 @@ def _print_scores(names: list[str], payload: dict[str, Any]) -> None:
 
 
 TRAIN_FLAGS: list[tuple[str, type, str]] = [
-    ("--method", str, "sapt-lora (default), seq-lora, inc-lora, per-task-lora, mtl-lora"),
+    ("--method", str, "sapt-lora (default), sapt-prompt, seq-lora, inc-lora, per-task-lora, mtl-lora, "
+                      "seq-prompt, per-task-prompt, mtl-prompt"),
     ("--model", str, "local model folder or packaged alias (default smollm2-135m)"),
     ("--data", str, "folder of tasks (e.g. ../shared/data/CL_Benchmark); not needed for bigbench: tasks"),
     ("--tasks", str, "comma-separated task names or folders, in stream order"),
@@ -111,6 +112,14 @@ TRAIN_FLAGS: list[tuple[str, type, str]] = [
     ("--lora-dropout", float, "LoRA dropout"),
     ("--target-modules", str, "comma-separated module names to put LoRA on (default q and v projections)"),
     ("--router-hidden", int, "hidden size of the router's query projection"),
+    ("--router-lr", float, "learning rate of the router (default: --lr)"),
+    ("--prompt-length", int, "prompt methods: soft prompt tokens per block"),
+    ("--prompt-init", str, "prompt methods: vocab (random vocabulary embeddings) or a saved prompt .safetensors"),
+    ("--kl-ratio", float, "SAPT's attentive reflection weight (0 switches ARM off)"),
+    ("--replay-source", str, "ARM pseudo-inputs: generated (SAPT) or real (oracle: real stored inputs)"),
+    ("--replay-batch-size", int, "pseudo-inputs per earlier task per reflection step"),
+    ("--replay-every", int, "micro-batches between reflection losses"),
+    ("--heldout-fraction", float, "part of each task's train split held out (ARM targets)"),
     ("--eval-scope", str, "seen (tasks so far, default) or all (every task after every stage)"),
     ("--eval-batch-size", int, "generation batch size"),
     ("--max-new-tokens", int, "generation length cap"),
@@ -157,7 +166,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     for t in tasks:
         for note in t.notes:
             log.info("%s: %s", t.name, note)
-    Trainer(cfg, tasks, out).run()
+    trainer = Trainer(cfg, tasks, out)
+    trainer.run()
+    if not trainer.main:  # under `accelerate launch`, the main process reports
+        return 0
     print(render_report(out))
     for path in write_heatmaps(out):
         print(f"wrote {path}")

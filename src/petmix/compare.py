@@ -59,6 +59,8 @@ def note_for(results: dict[str, Any]) -> str:
     notes = []
     if results.get("task_id_at_test"):
         notes.append("task id given at test")
+    if results.get("method", "").startswith("per-task"):
+        notes.append("single-task reference (its diagonal gives FWT)")
     stages = results.get("stages") or [{}]
     replay = stages[0].get("replay")
     if replay:

@@ -147,6 +147,10 @@ class Trainer:
         self.out = Path(out)
         self.method: Method = get_method(cfg.method)
         self.accelerator = Accelerator(mixed_precision="bf16" if cfg.bf16 else "no")
+        # Data parallel under `accelerate launch`: each process takes a slice of every micro-batch,
+        # gradients are averaged before each step, and only the main process evaluates and writes.
+        self.main = self.accelerator.is_main_process
+        self.world, self.rank = self.accelerator.num_processes, self.accelerator.process_index
         torch.manual_seed(cfg.seed)
         self.backbone = backbone or load_backbone(cfg.model)
         self.backbone.model.to(self.accelerator.device)
@@ -173,7 +177,8 @@ class Trainer:
             if diff:
                 raise PetmixError(f"{cfg_path}: the run directory holds a run with other settings ({diff}); "
                                   "use a new --out or the same settings to resume")
-        write_json(cfg_path, resolved)
+        if self.main:
+            write_json(cfg_path, resolved)
         return resolved
 
     def _single_task_scores(self) -> list[float | None] | None:
@@ -190,6 +195,12 @@ class Trainer:
 
     def _save_state(self, progress: dict[str, Any], optimizer: torch.optim.Optimizer | None,
                     stats: dict[str, torch.Tensor] | None = None) -> None:
+        if self.main:
+            self._write_state(progress, optimizer, stats)
+        self.accelerator.wait_for_everyone()
+
+    def _write_state(self, progress: dict[str, Any], optimizer: torch.optim.Optimizer | None,
+                     stats: dict[str, torch.Tensor] | None) -> None:
         tmp = self.out / ".state.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
@@ -284,7 +295,7 @@ class Trainer:
         while done_batches < total_batches:
             epoch, b = divmod(done_batches, n_batches)
             order = _stage_order(len(examples), cfg.seed, stage, epoch)
-            idx = order[b * cfg.batch_size:(b + 1) * cfg.batch_size]
+            idx = order[b * cfg.batch_size:(b + 1) * cfg.batch_size][self.rank::self.world]
             batch = training_batch(self.backbone.tokenizer, [prompt_ids[i] for i in idx],
                                    [answer_ids[i] for i in idx], self.backbone.is_seq2seq)
             batch = {k: v.to(acc.device) for k, v in batch.items()}
@@ -305,6 +316,9 @@ class Trainer:
             if done_batches % cfg.grad_accum == 0 or last:
                 if progress["step"] == 0 and resume is None:
                     self._assert_gradients(trainable)
+                if self.world > 1:
+                    for p in trainable:
+                        p.grad = acc.reduce(p.grad if p.grad is not None else torch.zeros_like(p), reduction="mean")
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
                 progress["step"] += 1
@@ -341,7 +355,16 @@ class Trainer:
         return torch.optim.AdamW(groups, lr=self.cfg.lr, weight_decay=0.0)
 
     def _reflect(self, stage: int) -> dict[str, Any]:
-        """ARM after a stage: store the task's attention target; make its pseudo-inputs (not after the last)."""
+        """ARM after a stage: store the task's attention target; make its pseudo-inputs (not after the last).
+        The main process does it and writes it down; the others read it."""
+        assert self.arm is not None
+        info = self._reflect_main(stage) if self.main else {}
+        self.accelerator.wait_for_everyone()
+        if not self.main:
+            self.arm.reload()
+        return info
+
+    def _reflect_main(self, stage: int) -> dict[str, Any]:
         assert self.arm is not None
         cfg, task = self.cfg, self.tasks[stage]
         with self.accelerator.autocast():
@@ -350,14 +373,13 @@ class Trainer:
         if stage == len(self.tasks) - 1:
             return info
         started = time.time()
+        from petmix.replay.generator import generate_pseudo_inputs, keep_count
+
         gcfg = cfg.generator_config()
-        keep = gcfg.keep or max(gcfg.min_keep, round(gcfg.keep_fraction * len(task.train)))
         if cfg.replay_source == "real":
-            inputs = self.arm.real_inputs(task, keep, cfg.seed)
+            inputs = self.arm.real_inputs(task, keep_count(gcfg, len(task.train)), cfg.seed)
             details: dict[str, Any] = {"kept": len(inputs), "oracle": True}
         else:
-            from petmix.replay.generator import generate_pseudo_inputs
-
             inputs, details = generate_pseudo_inputs(cfg.model, task, gcfg, n_train=len(task.train))
         self.arm.store_pool(task, inputs, details)
         info.update(pseudo_inputs=len(inputs), replay_s=round(time.time() - started, 1))
@@ -441,11 +463,19 @@ class Trainer:
         for stage in range(start_stage, len(self.stages)):
             info = self._train_stage(stage, resume if stage == start_stage else None)
             self._finish_stage(stage, rows, info)
+        if not self.main:
+            return {}
         payload = self._write_results(rows) if rows else {}
         save_tensors(self.out / "adapters.safetensors", self.mix.adapter_state())
         return payload
 
     def _finish_stage(self, stage: int, rows: list[dict[str, Any]], info: dict[str, Any] | None) -> None:
+        if self.main:
+            self._evaluate_and_write(stage, rows, info)
+        self._save_state({"stage": stage, "epoch": 0, "batch": 0, "step": 0, "stage_done": True,
+                          "evaluated": True}, None)
+
+    def _evaluate_and_write(self, stage: int, rows: list[dict[str, Any]], info: dict[str, Any] | None) -> None:
         started = time.time()
         results = self._evaluate(stage)
         eval_s = round(time.time() - started, 1)
@@ -460,6 +490,4 @@ class Trainer:
         self._write_results(rows)
         for name, res in results.items():  # the latest stage's predictions, where users look first
             write_jsonl(self.out / "predictions" / f"{name}.jsonl", res["records"])
-        self._save_state({"stage": stage, "epoch": 0, "batch": 0, "step": 0, "stage_done": True,
-                          "evaluated": True}, None)
 

@@ -59,8 +59,12 @@ class AttentiveReflection:
         self.targets: dict[str, list[float]] = {}
         self.pools: dict[str, list[str]] = {}
         self._encoded: dict[str, list[list[int]]] = {}
+        self.reload()
+
+    def reload(self) -> None:
+        """Read the stored targets and pseudo-inputs (a resumed run, or another process's writes)."""
         state = self.dir / "arm.json"
-        if state.is_file():  # a resumed run keeps its targets and pseudo-inputs
+        if state.is_file():
             saved = read_json(state)
             self.targets, self.pools = saved["targets"], saved["pools"]
 
