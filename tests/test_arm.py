@@ -63,7 +63,7 @@ def test_reflection_gradient_reaches_only_query_and_current_key(tiny_llama_path,
     assert set(saved["targets"]) == {"a", "b"} and len(saved["targets"]["a"]) == 1 and len(saved["targets"]["b"]) == 2
     assert saved["oracle"] is True
     lines = (tmp_path / "pseudo" / "a.jsonl").read_text().splitlines()
-    assert len(lines) == 3 and json.loads(lines[0])["source"] == "real"
+    assert len(lines) == 3 and json.loads((tmp_path / "pseudo" / "a.json").read_text())["oracle"] is True
 
 
 def test_reflection_off_and_every(tiny_llama_path, tmp_path):

@@ -239,6 +239,16 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_train_flags(p: argparse.ArgumentParser, with_method: bool = True) -> None:
+    """Training settings: flags left out keep the config file's value (or the default)."""
+    p.add_argument("--config", help="YAML file with the same keys as the flags (flags override it)")
+    for flag, kind, text in TRAIN_FLAGS:
+        if with_method or flag != "--method":
+            p.add_argument(flag, type=kind, help=text, default=argparse.SUPPRESS)
+    p.add_argument("--bf16", action="store_true", default=argparse.SUPPRESS, help="bfloat16 autocast (CPU and GPU)")
+    p.add_argument("--chat", action="store_true", default=argparse.SUPPRESS, help="wrap prompts in the chat template")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="petmix", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true")
@@ -251,23 +261,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("train", help="learn a task stream with a method; writes the matrix, metrics and heatmaps")
-    p.add_argument("--config", help="YAML file with the same keys as the flags (flags override it)")
-    for flag, kind, text in TRAIN_FLAGS:
-        p.add_argument(flag, type=kind, help=text, default=argparse.SUPPRESS)
-    p.add_argument("--bf16", action="store_true", default=argparse.SUPPRESS, help="bfloat16 autocast (CPU and GPU)")
-    p.add_argument("--chat", action="store_true", default=argparse.SUPPRESS, help="wrap prompts in the chat template")
+    _add_train_flags(p)
     p.add_argument("--out", required=True, help="run directory (an existing one is resumed)")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("compare", help="run several methods on one stream; one table of AP, F.Ra, FWT, BWT")
     p.add_argument("--methods", required=True,
                    help="comma-separated entries: method, or label=method:key=value:... (e.g. no-arm=sapt-lora:kl_ratio=0)")
-    p.add_argument("--config", help="YAML file of shared settings (flags override it)")
-    for flag, kind, text in TRAIN_FLAGS:
-        if flag != "--method":
-            p.add_argument(flag, type=kind, help=text, default=argparse.SUPPRESS)
-    p.add_argument("--bf16", action="store_true", default=argparse.SUPPRESS, help="bfloat16 autocast")
-    p.add_argument("--chat", action="store_true", default=argparse.SUPPRESS, help="wrap prompts in the chat template")
+    _add_train_flags(p, with_method=False)
     p.add_argument("--out", required=True, help="comparison directory (one run directory per entry)")
     p.set_defaults(func=cmd_compare)
 

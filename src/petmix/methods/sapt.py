@@ -25,7 +25,7 @@ from petmix.data.collate import encode_prompts, prompt_batch
 from petmix.data.task import Example, Task
 from petmix.data.templates import format_prompt
 from petmix.mixture import Mixture
-from petmix.runs import read_json, write_json, write_jsonl
+from petmix.runs import read_json, write_json
 
 log = logging.getLogger(__name__)
 
@@ -87,11 +87,11 @@ class AttentiveReflection:
         return target
 
     def store_pool(self, task: Task, inputs: list[str], info: dict[str, Any]) -> None:
+        from petmix.replay.generator import save_pseudo_inputs
+
         self.pools[task.name] = list(inputs)
-        write_jsonl(self.dir / "pseudo" / f"{task.name}.jsonl",
-                    [{"input": x, "source": self.replay_source} for x in inputs])
-        write_json(self.dir / "pseudo" / f"{task.name}.json", {**info, "replay_source": self.replay_source,
-                                                               "oracle": self.replay_source == "real"})
+        save_pseudo_inputs(self.dir, task.name, inputs,
+                           {**info, "replay_source": self.replay_source, "oracle": self.replay_source == "real"})
         self._save()
 
     @staticmethod
