@@ -122,6 +122,7 @@ def test_train_cli_and_predict(tiny_llama_path, tmp_path, capsys):
     assert rc == 0
     printed = capsys.readouterr().out
     assert "AP" in printed and "matrix.png" in printed and (out / "router.png").is_file()
+    assert "ARM pseudo-inputs: real training inputs (ORACLE variant)" in printed and "| alpha | 1 |" in printed
     assert json.loads((out / "config.json").read_text())["lr"] == 0.005  # flag overrides the file
     assert main(["predict", str(out), "--task", "alpha", "--input", "alpha item 1"]) == 0
     printed = capsys.readouterr().out
