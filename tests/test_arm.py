@@ -48,8 +48,8 @@ def test_reflection_gradient_reaches_only_query_and_current_key(tiny_llama_path,
         arm.store_target(mix, tasks[t], tasks[t].train[:3], 64, False)
         arm.store_pool(tasks[t], arm.real_inputs(tasks[t], 3, 0), {})
     trainable = method.begin_task(mix, 2)
-    arm.prepare_stage(mix, tasks[:2], 64, False)
-    loss = arm.loss(mix, micro_batch=0)
+    arm.prepare(mix, tasks[:2], 64, False)
+    loss = arm.reflection_loss(mix, micro_batch=0)
     assert loss is not None and loss.item() > 0
     loss.backward()
     allowed = {id(p) for p in list(mix.router.query.parameters()) + [mix.router.keys[2]]}
@@ -69,15 +69,15 @@ def test_reflection_gradient_reaches_only_query_and_current_key(tiny_llama_path,
 def test_reflection_off_and_every(tiny_llama_path, tmp_path):
     mix = Mixture(load_backbone(str(tiny_llama_path)), LoRAConfig(), "attention")
     arm = AttentiveReflection(tmp_path, kl_ratio=0.0, replay_source="real", batch_size=2, every=1)
-    assert arm.loss(mix, 0) is None  # kl_ratio 0 switches ARM off
+    assert arm.reflection_loss(mix, 0) is None  # kl_ratio 0 switches ARM off
     arm = AttentiveReflection(tmp_path, kl_ratio=1.0, replay_source="real", batch_size=2, every=3)
     task = _task("a", "yes")
     get_method("sapt-lora").begin_task(mix, 0)
     arm.store_target(mix, task, task.train, 64, False)
     arm.store_pool(task, ["x", "y"], {})
     get_method("sapt-lora").begin_task(mix, 1)
-    arm.prepare_stage(mix, [task], 64, False)
-    assert arm.loss(mix, 1) is None and arm.loss(mix, 3) is not None
+    arm.prepare(mix, [task], 64, False)
+    assert arm.reflection_loss(mix, 1) is None and arm.reflection_loss(mix, 3) is not None
 
 
 def test_trainer_runs_arm_and_records_it(tiny_llama_path, tmp_path):

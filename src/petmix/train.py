@@ -30,7 +30,7 @@ from petmix.data.templates import format_prompt
 from petmix.errors import PetmixError
 from petmix.evaluate import GenerationConfig, evaluate_tasks
 from petmix.methods import Method, get_method
-from petmix.methods.sapt import AttentiveReflection
+from petmix.methods.base import make_hooks
 from petmix.metrics import cl_metrics, single_row_metrics
 from petmix.mixture import Mixture
 from petmix.runs import read_json, save_tensors, write_json, write_jsonl
@@ -161,10 +161,7 @@ class Trainer:
         # Every method trains on the same examples: each task's train split minus a held-out part.
         self.splits = {t.name: t.heldout_split(cfg.heldout_fraction, cfg.seed, cfg.heldout_max)
                        if len(t.train) > 1 else (t.train, t.train) for t in tasks}
-        self.arm = None
-        if self.method.routing == "attention" and cfg.kl_ratio > 0:
-            self.arm = AttentiveReflection(self.out, cfg.kl_ratio, cfg.replay_source,
-                                           cfg.replay_batch_size, cfg.replay_every)
+        self.hooks = make_hooks(self.method, self)
 
     # ---- run directory -------------------------------------------------------------------
     def _check_run_dir(self) -> dict[str, Any]:
@@ -281,10 +278,10 @@ class Trainer:
         task_index = self.method.routing_index(stage)
         self.mix.train()
         # Running sums survive a resume, so a resumed stage reports what an uninterrupted one does.
-        if self.arm is not None:
-            self.arm.prepare_stage(self.mix, self.tasks[:stage], cfg.max_source_len, cfg.chat)
+        for hook in self.hooks:
+            hook.prepare_stage(self, stage)
         stats = {"weight_sum": torch.zeros(self.mix.num_blocks, dtype=torch.float64),
-                 "kl_sum": torch.zeros((), dtype=torch.float64),
+                 **{f"{h.name}_sum": torch.zeros((), dtype=torch.float64) for h in self.hooks},
                  "loss_sum": torch.zeros((), dtype=torch.float64), "n_seen": torch.zeros((), dtype=torch.float64),
                  "n_batches": torch.zeros((), dtype=torch.float64), "train_s": torch.zeros((), dtype=torch.float64)}
         if resume is not None:
@@ -301,11 +298,13 @@ class Trainer:
             batch = {k: v.to(acc.device) for k, v in batch.items()}
             with acc.autocast():
                 loss, weights = self.mix(batch, task_index)
-                reflection = self.arm.loss(self.mix, done_batches) if self.arm is not None else None
-            total = loss if reflection is None else loss + reflection
+                total = loss
+                for hook in self.hooks:
+                    extra = hook.loss(self, done_batches)
+                    if extra is not None:
+                        total = total + extra
+                        stats[f"{hook.name}_sum"] += float(extra.detach())
             acc.backward(total / cfg.grad_accum)
-            if reflection is not None:
-                stats["kl_sum"] += float(reflection.detach())
             stats["weight_sum"] += weights.detach().double().sum(0).cpu()
             stats["loss_sum"] += float(loss.detach())
             stats["n_seen"] += len(idx)
@@ -335,12 +334,12 @@ class Trainer:
         mean_loss = float(stats["loss_sum"] / stats["n_batches"].clamp(min=1))
         log.info("stage %d (%s): %d steps, mean loss %.4f, %.1f s", stage + 1, name, progress["step"], mean_loss, train_s)
         info = {"train_s": round(train_s, 1), "steps": progress["step"], "mean_loss": round(mean_loss, 5),
-                "mean_reflection_loss": (round(float(stats["kl_sum"] / stats["n_batches"].clamp(min=1)), 6)
-                                         if self.arm is not None and stage > 0 else None),
                 "train_router_weights": ([round(float(w), 6) for w in stats["weight_sum"] / stats["n_seen"]]
                                          if self.mix.routing == "attention" else None)}
-        if self.arm is not None:
-            info.update(self._reflect(stage))
+        for hook in self.hooks:
+            mean = float(stats[f"{hook.name}_sum"] / stats["n_batches"].clamp(min=1))
+            info[f"mean_{hook.name}_loss"] = round(mean, 6) if stage > 0 else None
+            info.update(hook.after_stage(self, stage))
         progress.update(stage_done=True, evaluated=False, info=info)
         self._save_state(progress, None)
         return info
@@ -353,38 +352,6 @@ class Trainer:
         if routed:
             groups.append({"params": routed, "lr": self.cfg.router_lr or self.cfg.lr})
         return torch.optim.AdamW(groups, lr=self.cfg.lr, weight_decay=0.0)
-
-    def _reflect(self, stage: int) -> dict[str, Any]:
-        """ARM after a stage: store the task's attention target; make its pseudo-inputs (not after the last).
-        The main process does it and writes it down; the others read it."""
-        assert self.arm is not None
-        info = self._reflect_main(stage) if self.main else {}
-        self.accelerator.wait_for_everyone()
-        if not self.main:
-            self.arm.reload()
-        return info
-
-    def _reflect_main(self, stage: int) -> dict[str, Any]:
-        assert self.arm is not None
-        cfg, task = self.cfg, self.tasks[stage]
-        with self.accelerator.autocast():
-            target = self.arm.store_target(self.mix, task, self.splits[task.name][1], cfg.max_source_len, cfg.chat)
-        info: dict[str, Any] = {"arm_target": target, "replay": self.arm.label}
-        if stage == len(self.tasks) - 1:
-            return info
-        started = time.time()
-        from petmix.replay.generator import generate_pseudo_inputs, keep_count
-
-        gcfg = cfg.generator_config()
-        if cfg.replay_source == "real":
-            inputs = self.arm.real_inputs(task, keep_count(gcfg, len(task.train)), cfg.seed)
-            details: dict[str, Any] = {"kept": len(inputs), "oracle": True}
-        else:
-            inputs, details = generate_pseudo_inputs(cfg.model, task, gcfg, n_train=len(task.train))
-        self.arm.store_pool(task, inputs, details)
-        info.update(pseudo_inputs=len(inputs), replay_s=round(time.time() - started, 1))
-        log.info("%s: %d pseudo-inputs for %s in %.1f s", self.arm.label, len(inputs), task.name, time.time() - started)
-        return info
 
     def _assert_gradients(self, trainable: list[torch.nn.Parameter]) -> None:
         allowed = {id(p) for p in trainable}

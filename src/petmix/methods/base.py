@@ -4,11 +4,36 @@ are weighed (routing). The training loop (``petmix.train``) is the same for all 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
+import torch
 from torch import nn
 
 from petmix.errors import PetmixError
 from petmix.mixture import Mixture
+
+if TYPE_CHECKING:
+    from petmix.train import Trainer
+
+
+class StageHook:
+    """What a method adds to the shared training loop: an extra loss term, and work between tasks.
+
+    ``name`` labels the hook's loss in the stage records (``mean_<name>_loss``).
+    """
+
+    name = "hook"
+
+    def prepare_stage(self, trainer: Trainer, stage: int) -> None:
+        """Before the first step of a stage (also when a stage is resumed)."""
+
+    def loss(self, trainer: Trainer, micro_batch: int) -> torch.Tensor | None:
+        """An extra loss for this micro-batch, or None."""
+        return None
+
+    def after_stage(self, trainer: Trainer, stage: int) -> dict[str, Any]:
+        """After a stage's last step, before evaluation; returns what to record for the stage."""
+        return {}
 
 
 @dataclass(frozen=True)
@@ -18,6 +43,7 @@ class Method:
     new_block_per_task: bool     # False: one block, trained on in sequence
     joint: bool = False          # True: one stage on all tasks at once (multi-task learning)
     block: str = "lora"          # "lora" | "prompt" (see petmix.blocks)
+    hooks: tuple[str, ...] = ()  # extra losses and between-task work (see make_hooks)
     summary: str = ""
     paper: str = ""
 
@@ -59,7 +85,7 @@ def assert_only_trainable(module: nn.Module, expected: list[nn.Parameter]) -> No
 METHODS: dict[str, Method] = {
     m.name: m
     for m in [
-        Method("sapt-lora", "attention", True,
+        Method("sapt-lora", "attention", True, hooks=("arm",),
                summary="SAPT: a LoRA block per task, shared attentive learning and selection (no task id)",
                paper="Zhao et al., ACL 2024"),
         Method("seq-lora", "sum", False, summary="one LoRA trained on the tasks in sequence (SeqLoRA)"),
@@ -69,7 +95,7 @@ METHODS: dict[str, Method] = {
                summary="one LoRA per task, evaluated with the true task's block (task id given): single-task scores"),
         Method("mtl-lora", "sum", False, joint=True,
                summary="one LoRA on all tasks jointly (multi-task learning): upper reference"),
-        Method("sapt-prompt", "attention", True, block="prompt",
+        Method("sapt-prompt", "attention", True, block="prompt", hooks=("arm",),
                summary="SAPT with a soft prompt per task: the instance prompt is the router-weighted sum",
                paper="Zhao et al., ACL 2024"),
         Method("seq-prompt", "sum", False, block="prompt", summary="one soft prompt trained on the tasks in sequence"),
@@ -85,3 +111,19 @@ def get_method(name: str) -> Method:
     if name not in METHODS:
         raise PetmixError(f"unknown method {name!r} (known: {', '.join(METHODS)})")
     return METHODS[name]
+
+
+def make_hooks(method: Method, trainer: Trainer) -> list[StageHook]:
+    """The method's hooks for a run, as its settings configure them (a hook may be switched off)."""
+    hooks: list[StageHook] = []
+    for name in method.hooks:
+        if name == "arm":
+            from petmix.methods.sapt import AttentiveReflection
+
+            cfg = trainer.cfg
+            if cfg.kl_ratio > 0:  # kl_ratio 0 switches SAPT's reflection off
+                hooks.append(AttentiveReflection(trainer.out, cfg.kl_ratio, cfg.replay_source,
+                                                 cfg.replay_batch_size, cfg.replay_every))
+        else:
+            raise ValueError(f"unknown hook {name!r}")
+    return hooks

@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import logging
 import random
+import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -24,8 +25,12 @@ from petmix.backbone import Backbone
 from petmix.data.collate import encode_prompts, prompt_batch
 from petmix.data.task import Example, Task
 from petmix.data.templates import format_prompt
+from petmix.methods.base import StageHook
 from petmix.mixture import Mixture
 from petmix.runs import read_json, write_json
+
+if TYPE_CHECKING:
+    from petmix.train import Trainer
 
 log = logging.getLogger(__name__)
 
@@ -45,8 +50,10 @@ def reflection_kl(current: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return F.kl_div(log_current, target.to(current.device).expand_as(current), reduction="batchmean")
 
 
-class AttentiveReflection:
+class AttentiveReflection(StageHook):
     """Targets and pseudo-input pools of earlier tasks, and the reflection loss."""
+
+    name = "reflection"
 
     def __init__(self, run_dir: Path, kl_ratio: float, replay_source: str, batch_size: int, every: int):
         if replay_source not in REPLAY_SOURCES:
@@ -114,7 +121,45 @@ class AttentiveReflection:
         assert mix.router is not None
         return mix.router(mix.backbone.embed(input_ids), batch["source_mask"].to(input_ids.device), n)
 
-    def prepare_stage(self, mix: Mixture, earlier: list[Task], max_source_len: int, chat: bool) -> None:
+    # ---- the hook ---------------------------------------------------------------------------------
+    def prepare_stage(self, trainer: Trainer, stage: int) -> None:
+        self.prepare(trainer.mix, trainer.tasks[:stage], trainer.cfg.max_source_len, trainer.cfg.chat)
+
+    def loss(self, trainer: Trainer, micro_batch: int) -> torch.Tensor | None:
+        return self.reflection_loss(trainer.mix, micro_batch)
+
+    def after_stage(self, trainer: Trainer, stage: int) -> dict[str, Any]:
+        """Store the task's attention target; make its pseudo-inputs (none after the last task).
+        The main process does it and writes it down; the others read it."""
+        info = self._reflect(trainer, stage) if trainer.main else {}
+        trainer.accelerator.wait_for_everyone()
+        if not trainer.main:
+            self.reload()
+        return info
+
+    def _reflect(self, trainer: Trainer, stage: int) -> dict[str, Any]:
+        from petmix.replay.generator import generate_pseudo_inputs, keep_count
+
+        cfg, task = trainer.cfg, trainer.tasks[stage]
+        with trainer.accelerator.autocast():
+            target = self.store_target(trainer.mix, task, trainer.splits[task.name][1], cfg.max_source_len, cfg.chat)
+        info: dict[str, Any] = {"arm_target": target, "replay": self.label}
+        if stage == len(trainer.tasks) - 1:
+            return info
+        started = time.time()
+        gcfg = cfg.generator_config()
+        if self.replay_source == "real":
+            inputs = self.real_inputs(task, keep_count(gcfg, len(task.train)), cfg.seed)
+            details: dict[str, Any] = {"kept": len(inputs)}
+        else:
+            inputs, details = generate_pseudo_inputs(cfg.model, task, gcfg, n_train=len(task.train))
+        self.store_pool(task, inputs, details)
+        info.update(pseudo_inputs=len(inputs), replay_s=round(time.time() - started, 1))
+        log.info("%s: %d pseudo-inputs for %s in %.1f s", self.label, len(inputs), task.name, time.time() - started)
+        return info
+
+    # ---- the mechanism ----------------------------------------------------------------------------
+    def prepare(self, mix: Mixture, earlier: list[Task], max_source_len: int, chat: bool) -> None:
         """Tokenise the pseudo-inputs of the earlier tasks once per stage."""
         backbone = mix.backbone
         self._encoded = {}
@@ -124,7 +169,7 @@ class AttentiveReflection:
                 prompts = [backbone.render(format_prompt(task, x), chat) for x in pool]
                 self._encoded[task.name] = encode_prompts(backbone.tokenizer, prompts, max_source_len)
 
-    def loss(self, mix: Mixture, micro_batch: int) -> torch.Tensor | None:
+    def reflection_loss(self, mix: Mixture, micro_batch: int) -> torch.Tensor | None:
         """Sum over earlier tasks of KL(target || router weights) on one pseudo batch each."""
         if self.kl_ratio <= 0 or not self._encoded or micro_batch % self.every:
             return None
