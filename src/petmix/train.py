@@ -30,7 +30,7 @@ from petmix.data.templates import format_prompt
 from petmix.errors import PetmixError
 from petmix.evaluate import GenerationConfig, evaluate_tasks
 from petmix.methods import Method, get_method
-from petmix.methods.base import make_hooks
+from petmix.methods.base import StageHook, make_hooks
 from petmix.metrics import cl_metrics, single_row_metrics
 from petmix.mixture import Mixture
 from petmix.runs import read_json, save_tensors, write_json, write_jsonl
@@ -77,6 +77,15 @@ class TrainConfig:
     heldout_fraction: float = 0.1  # part of each task's train split held out (ARM targets); never test
     heldout_max: int = 32
     generator: dict[str, Any] = field(default_factory=dict)  # GeneratorConfig overrides
+    # Continual-learning baselines (petmix.methods.baselines)
+    olora_lambda1: float = 0.5  # O-LoRA orthogonality weight
+    olora_lambda2: float = 0.0  # O-LoRA L2 on the new block
+    ewc_lambda: float = 5000.0
+    ewc_online: bool = False
+    ewc_gamma: float = 1.0  # online EWC: decay of earlier Fisher terms
+    ewc_fisher_batches: int = 8
+    buffer_per_task: int = 16  # replay: real examples kept per finished task
+    buffer_per_batch: int = 2  # replay: buffer examples added to every micro-batch
 
     @classmethod
     def from_dict(cls, values: dict[str, Any], source: str = "config") -> TrainConfig:
@@ -242,7 +251,7 @@ class Trainer:
         optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
 
     # ---- training --------------------------------------------------------------------------
-    def _encode(self, examples: list[Example], stage_tasks: list[Task], owners: list[int]) -> tuple[list, list]:
+    def encode(self, examples: list[Example], stage_tasks: list[Task], owners: list[int]) -> tuple[list, list]:
         tok = self.backbone.tokenizer
         prompts = [self.backbone.render(format_prompt(stage_tasks[o], ex.input), self.cfg.chat)
                    for ex, o in zip(examples, owners)]
@@ -256,7 +265,7 @@ class Trainer:
         owners = [i for i, t in enumerate(stage_tasks) for _ in self.splits[t.name][0]]
         if not examples:
             raise PetmixError(f"task {stage_tasks[0].name}: no training examples")
-        prompt_ids, answer_ids = self._encode(examples, stage_tasks, owners)
+        prompt_ids, answer_ids = self.encode(examples, stage_tasks, owners)
 
         if resume is None:
             trainable = self.method.begin_task(self.mix, stage)
@@ -293,8 +302,10 @@ class Trainer:
             epoch, b = divmod(done_batches, n_batches)
             order = _stage_order(len(examples), cfg.seed, stage, epoch)
             idx = order[b * cfg.batch_size:(b + 1) * cfg.batch_size][self.rank::self.world]
-            batch = training_batch(self.backbone.tokenizer, [prompt_ids[i] for i in idx],
-                                   [answer_ids[i] for i in idx], self.backbone.is_seq2seq)
+            pairs = [(prompt_ids[i], answer_ids[i]) for i in idx]
+            pairs += [p for hook in self.hooks for p in hook.extra_examples(done_batches)][self.rank::self.world]
+            batch = training_batch(self.backbone.tokenizer, [p for p, _ in pairs], [a for _, a in pairs],
+                                   self.backbone.is_seq2seq)
             batch = {k: v.to(acc.device) for k, v in batch.items()}
             with acc.autocast():
                 loss, weights = self.mix(batch, task_index)
@@ -337,8 +348,9 @@ class Trainer:
                 "train_router_weights": ([round(float(w), 6) for w in stats["weight_sum"] / stats["n_seen"]]
                                          if self.mix.routing == "attention" else None)}
         for hook in self.hooks:
-            mean = float(stats[f"{hook.name}_sum"] / stats["n_batches"].clamp(min=1))
-            info[f"mean_{hook.name}_loss"] = round(mean, 6) if stage > 0 else None
+            if type(hook).loss is not StageHook.loss:  # hooks that add a loss report its mean
+                mean = float(stats[f"{hook.name}_sum"] / stats["n_batches"].clamp(min=1))
+                info[f"mean_{hook.name}_loss"] = round(mean, 6) if stage > 0 else None
             info.update(hook.after_stage(self, stage))
         progress.update(stage_done=True, evaluated=False, info=info)
         self._save_state(progress, None)

@@ -31,6 +31,10 @@ class StageHook:
         """An extra loss for this micro-batch, or None."""
         return None
 
+    def extra_examples(self, micro_batch: int) -> list[tuple[list[int], list[int]]]:
+        """Encoded (prompt, answer) pairs to add to this micro-batch."""
+        return []
+
     def after_stage(self, trainer: Trainer, stage: int) -> dict[str, Any]:
         """After a stage's last step, before evaluation; returns what to record for the stage."""
         return {}
@@ -95,6 +99,14 @@ METHODS: dict[str, Method] = {
                summary="one LoRA per task, evaluated with the true task's block (task id given): single-task scores"),
         Method("mtl-lora", "sum", False, joint=True,
                summary="one LoRA on all tasks jointly (multi-task learning): upper reference"),
+        Method("o-lora", "sum", True, hooks=("orthogonality",),
+               summary="a new LoRA per task, orthogonal to the earlier ones (lambda1 |A_t A_i^T|), all summed",
+               paper="Wang et al., EMNLP 2023 Findings"),
+        Method("ewc", "sum", False, hooks=("ewc",),
+               summary="one LoRA in sequence with a Fisher-weighted penalty toward each earlier task's weights",
+               paper="Kirkpatrick et al., PNAS 2017"),
+        Method("replay", "sum", False, hooks=("replay",),
+               summary="one LoRA in sequence, real examples of earlier tasks mixed into every batch"),
         Method("sapt-prompt", "attention", True, block="prompt", hooks=("arm",),
                summary="SAPT with a soft prompt per task: the instance prompt is the router-weighted sum",
                paper="Zhao et al., ACL 2024"),
@@ -124,6 +136,21 @@ def make_hooks(method: Method, trainer: Trainer) -> list[StageHook]:
             if cfg.kl_ratio > 0:  # kl_ratio 0 switches SAPT's reflection off
                 hooks.append(AttentiveReflection(trainer.out, cfg.kl_ratio, cfg.replay_source,
                                                  cfg.replay_batch_size, cfg.replay_every))
+        elif name == "orthogonality":
+            from petmix.methods.baselines import OrthogonalLoRA
+
+            hooks.append(OrthogonalLoRA(trainer.cfg.olora_lambda1, trainer.cfg.olora_lambda2))
+        elif name == "ewc":
+            from petmix.methods.baselines import ElasticWeightConsolidation
+
+            cfg = trainer.cfg
+            hooks.append(ElasticWeightConsolidation(trainer.out, cfg.ewc_lambda, cfg.ewc_online, cfg.ewc_gamma,
+                                                    cfg.ewc_fisher_batches))
+        elif name == "replay":
+            from petmix.methods.baselines import ExperienceReplay
+
+            cfg = trainer.cfg
+            hooks.append(ExperienceReplay(trainer.out, cfg.buffer_per_task, cfg.buffer_per_batch, cfg.seed))
         else:
             raise ValueError(f"unknown hook {name!r}")
     return hooks
