@@ -1,4 +1,8 @@
-"""The ``petmix`` command."""
+"""petmix: continual and multi-task learning of language models with parameter-efficient tuning.
+
+Commands: train (a task stream with a method), compare (several methods, one table), eval (zero-shot),
+report (matrix, metrics, heatmaps of a run), predict (answer with a trained run). See README.md.
+"""
 
 from __future__ import annotations
 
@@ -93,7 +97,7 @@ def _print_scores(names: list[str], payload: dict[str, Any]) -> None:
 
 TRAIN_FLAGS: list[tuple[str, type, str]] = [
     ("--method", str, "sapt-lora (default), sapt-prompt, seq-lora, inc-lora, per-task-lora, mtl-lora, "
-                      "seq-prompt, per-task-prompt, mtl-prompt"),
+                      "seq-prompt, per-task-prompt, mtl-prompt, o-lora, ewc, replay"),
     ("--model", str, "local model folder or packaged alias (default smollm2-135m)"),
     ("--data", str, "folder of tasks (e.g. ../shared/data/CL_Benchmark); not needed for bigbench: tasks"),
     ("--tasks", str, "comma-separated task names or folders, in stream order"),
@@ -120,6 +124,11 @@ TRAIN_FLAGS: list[tuple[str, type, str]] = [
     ("--replay-batch-size", int, "pseudo-inputs per earlier task per reflection step"),
     ("--replay-every", int, "micro-batches between reflection losses"),
     ("--heldout-fraction", float, "part of each task's train split held out (ARM targets)"),
+    ("--olora-lambda1", float, "o-lora: weight of the orthogonality loss"),
+    ("--olora-lambda2", float, "o-lora: weight of the L2 loss on the new block"),
+    ("--ewc-lambda", float, "ewc: penalty weight"),
+    ("--buffer-per-task", int, "replay: real examples kept per finished task"),
+    ("--buffer-per-batch", int, "replay: buffer examples added to every micro-batch"),
     ("--eval-scope", str, "seen (tasks so far, default) or all (every task after every stage)"),
     ("--eval-batch-size", int, "generation batch size"),
     ("--max-new-tokens", int, "generation length cap"),
