@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from tqdm.auto import tqdm
 
 from petmix.backbone import Backbone, load_backbone
 from petmix.blocks.lora import LoRAConfig
@@ -171,7 +172,8 @@ def train_generator(backbone: Backbone, mix: Mixture, targets: list[str], cfg: G
     order: list[int] = []
     losses: list[float] = []
     mix.train()
-    for step in range(total):
+    bar = tqdm(range(total), desc="generator training", unit="step", dynamic_ncols=True, leave=False)
+    for step in bar:
         b = step % n_batches
         if b == 0:
             order = torch.randperm(len(targets), generator=g).tolist()
@@ -184,6 +186,7 @@ def train_generator(backbone: Backbone, mix: Mixture, targets: list[str], cfg: G
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         losses.append(float(loss.detach()))
+        bar.set_postfix(loss=f"{losses[-1]:.3f}")
     mix.eval()
     return {"steps": total, "first_loss": round(losses[0], 5), "final_loss": round(losses[-1], 5),
             "mean_loss": round(sum(losses) / len(losses), 5)}
@@ -281,12 +284,15 @@ def generate_pseudo_inputs(
         rounds = 0
         kept: list[str] = []
         stats: dict[str, int] = {}
+        bar = tqdm(total=want, desc="sampling pseudo-inputs", unit="input", dynamic_ncols=True, leave=False)
         while rounds < cfg.max_rounds:
             raw += sample_round(backbone, mix, cfg, rounds)
             rounds += 1
             kept, stats = select_pseudo_inputs(raw, want, cfg.separator, cfg.max_input_chars)
+            bar.update(min(len(kept), want) - bar.n)
             if len(kept) >= want:
                 break
+        bar.close()
         sample_s = time.time() - started
 
     real = {ex.input.strip() for ex in task.train}
