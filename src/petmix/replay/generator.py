@@ -19,7 +19,7 @@ import logging
 import math
 import re
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -50,7 +50,7 @@ class GeneratorConfig:
     max_train: int | None = 200  # training inputs used to train the generator (a seeded sample)
     top_k: int = 20
     repetition_penalty: float = 2.5
-    max_new_tokens: int = 96  # also the cap on the generator's training targets (tokens)
+    max_new_tokens: int = 96  # tokens for the input part; the definition and separator's tokens come on top
     keep_fraction: float = 0.02
     min_keep: int = 1
     keep: int | None = None  # absolute number to keep; overrides keep_fraction / min_keep
@@ -266,6 +266,11 @@ def generate_pseudo_inputs(
     targets = [generator_target(task.definition, ex.input, cfg.separator) for ex in examples]
 
     backbone = load_backbone(str(model), device=device)
+    # The generator writes the whole definition before each input: its token budget (for training
+    # targets and for sampling) is the definition and separator's length plus max_new_tokens.
+    prefix = len(backbone.tokenizer(generator_target(task.definition, "", cfg.separator), add_special_tokens=False)["input_ids"])
+    run_cfg = replace(cfg, max_new_tokens=prefix + cfg.max_new_tokens)
+    info["token_budget"] = run_cfg.max_new_tokens
     with torch.random.fork_rng(devices=fork_devices):  # the caller's RNG streams stay untouched
         torch.manual_seed(cfg.seed)
         mix = Mixture(backbone, LoRAConfig(r=cfg.r, alpha=cfg.alpha), routing="sum")
@@ -274,7 +279,7 @@ def generate_pseudo_inputs(
         for p in mix.pool.block_parameters(0):
             p.requires_grad_(True)
         started = time.time()
-        train_info = train_generator(backbone, mix, targets, cfg)
+        train_info = train_generator(backbone, mix, targets, run_cfg)
         train_s = time.time() - started
         if generator_path is not None:
             save_tensors(generator_path, mix.adapter_state(), metadata={"task": task.name, "kind": "generator"})
@@ -286,7 +291,7 @@ def generate_pseudo_inputs(
         stats: dict[str, int] = {}
         bar = tqdm(total=want, desc="sampling pseudo-inputs", unit="input", dynamic_ncols=True, leave=False)
         while rounds < cfg.max_rounds:
-            raw += sample_round(backbone, mix, cfg, rounds)
+            raw += sample_round(backbone, mix, run_cfg, rounds)
             rounds += 1
             kept, stats = select_pseudo_inputs(raw, want, cfg.separator, cfg.max_input_chars)
             bar.update(min(len(kept), want) - bar.n)
