@@ -127,7 +127,7 @@ def test_sampling_rounds_keep_wanted_number(monkeypatch, tiny_llama_path):
     task = make_task()
     calls = []
 
-    def fake_round(backbone, mix, cfg, round_index):
+    def fake_round(backbone, mix, cfg, round_index, prefix=""):
         calls.append(round_index)
         # each round: one duplicate of an earlier round, one malformed, one copy of a real input, one new
         return ["d __inp__ r0 x", "garbage", f"d __inp__ {task.train[round_index].input}", f"d __inp__ new {round_index}"]
@@ -143,7 +143,7 @@ def test_sampling_rounds_keep_wanted_number(monkeypatch, tiny_llama_path):
 
 
 def test_nothing_returned_without_separator(monkeypatch, tiny_t5_path):
-    monkeypatch.setattr(gen, "sample_round", lambda backbone, mix, cfg, i: ["just some text", "more text", ""])
+    monkeypatch.setattr(gen, "sample_round", lambda backbone, mix, cfg, i, prefix="": ["just some text", "more text", ""])
     inputs, info = generate_pseudo_inputs(tiny_t5_path, make_task(), small_cfg(max_rounds=3))
     assert inputs == []
     assert info["rounds"] == 3
@@ -180,3 +180,18 @@ def test_parse_tolerates_garbled_separator_and_drops_punctuation():
     assert parse_generation("def _ _inp__ yes") == "yes"
     assert parse_generation("def __inp__ .") is None
     assert parse_generation("def inp yes") is None
+
+
+@pytest.mark.parametrize("family", ["causal", "seq2seq"])
+def test_forced_prefix_starts_every_sample(family, tiny_llama_path, tiny_t5_path):
+    from petmix.backbone import load_backbone
+    from petmix.blocks.lora import LoRAConfig
+    from petmix.mixture import Mixture
+
+    backbone = load_backbone(str(tiny_llama_path if family == "causal" else tiny_t5_path))
+    mix = Mixture(backbone, LoRAConfig(r=2), routing="sum")
+    mix.add_task()
+    cfg = GeneratorConfig(samples_per_round=3, max_new_tokens=4)
+    texts = gen.sample_round(backbone, mix, cfg, 0, prefix="Say yes. __inp__")
+    assert len(texts) == 3 and all(t.startswith("Say yes. __inp__") for t in texts)
+    assert texts == gen.sample_round(backbone, mix, cfg, 0, prefix="Say yes. __inp__")  # seeded

@@ -59,6 +59,9 @@ class GeneratorConfig:
     max_input_chars: int = 2000
     trigger: str = "__gen__"
     separator: str = "__inp__"
+    # Sample only the input: start each sample from "{definition} __inp__" instead of letting the
+    # generator rewrite the (fixed) definition first. petmix's default; the reference samples it all.
+    force_prefix: bool = True
     bf16: bool = False
     seed: int = 0
 
@@ -193,15 +196,22 @@ def train_generator(backbone: Backbone, mix: Mixture, targets: list[str], cfg: G
 
 
 @torch.no_grad()
-def sample_round(backbone: Backbone, mix: Mixture, cfg: GeneratorConfig, round_index: int) -> list[str]:
+def sample_round(backbone: Backbone, mix: Mixture, cfg: GeneratorConfig, round_index: int, prefix: str = "") -> list[str]:
     """``cfg.samples_per_round`` sampled generations from the trigger prompt (decoded, special tokens
-    removed). Seeded by (cfg.seed, round_index): the same settings give the same texts."""
+    removed), each continuing the forced ``prefix`` (returned with it). Seeded by (cfg.seed,
+    round_index): the same settings give the same texts."""
     tok, device = backbone.tokenizer, backbone.device
     prompt = encode_prompts(tok, [cfg.trigger], max_source_len=64)[0]
+    forced = tok(prefix, add_special_tokens=False)["input_ids"] if prefix else []
+    if not backbone.is_seq2seq:
+        prompt = prompt + forced  # the decoder continues after the forced prefix
     batch = prompt_batch(tok, [prompt] * cfg.samples_per_round, left=not backbone.is_seq2seq)
     batch = {k: v.to(device) for k, v in batch.items()}
     torch.manual_seed(cfg.seed * 1_000_003 + 7919 * (round_index + 1))
     kwargs, _ = mix.prepare_fn()(batch)
+    if backbone.is_seq2seq and forced:
+        start = backbone.model.config.decoder_start_token_id
+        kwargs["decoder_input_ids"] = torch.tensor([[start] + forced] * cfg.samples_per_round, device=device)
     try:
         with _autocast(device, cfg.bf16):
             out = backbone.model.generate(
@@ -220,7 +230,10 @@ def sample_round(backbone: Backbone, mix: Mixture, cfg: GeneratorConfig, round_i
         mix.clear_weights()
     if not backbone.is_seq2seq:
         out = out[:, kwargs["input_ids"].shape[1]:]  # decoders echo the prompt
-    return [tok.decode(row, skip_special_tokens=True).strip() for row in out]
+    elif forced:
+        out = out[:, 1 + len(forced):]
+    head = f"{prefix} " if prefix else ""
+    return [(head + tok.decode(row, skip_special_tokens=True)).strip() for row in out]
 
 
 def _explain(want: int, rounds: int, stats: dict[str, int]) -> str:
@@ -291,7 +304,10 @@ def generate_pseudo_inputs(
         stats: dict[str, int] = {}
         bar = tqdm(total=want, desc="sampling pseudo-inputs", unit="input", dynamic_ncols=True, leave=False)
         while rounds < cfg.max_rounds:
-            raw += sample_round(backbone, mix, run_cfg, rounds)
+            if cfg.force_prefix:
+                raw += sample_round(backbone, mix, cfg, rounds, prefix=generator_target(task.definition, "", cfg.separator))
+            else:
+                raw += sample_round(backbone, mix, run_cfg, rounds)
             rounds += 1
             kept, stats = select_pseudo_inputs(raw, want, cfg.separator, cfg.max_input_chars)
             bar.update(min(len(kept), want) - bar.n)
