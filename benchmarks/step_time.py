@@ -54,7 +54,8 @@ def main() -> None:
     args = ap.parse_args()
     torch.manual_seed(0)
     b, s = args.batch_size, args.seq_len
-    ids = torch.randint(100, 40000, (b, s))
+    vocab = load_backbone(args.model).describe()["vocab_size"]
+    ids = torch.randint(min(100, vocab - 1), vocab, (b, s))
     labels = ids.clone()
     labels[:, : s * 3 // 4] = -100  # loss on the last quarter (the answer), as in training
     source = torch.zeros_like(ids)
