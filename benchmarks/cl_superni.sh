@@ -6,4 +6,4 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 [ -d ../shared/data/CL_Benchmark ] || { echo "needs ../shared/data/CL_Benchmark (the benchmark data)"; exit 2; }
 .venv/bin/petmix compare --config benchmarks/configs/superni5_cpu.yaml --out "${OUT:-runs/bench/superni5}" \
-  --methods "per-task-lora,sapt-lora,seq-lora,sapt-lora-no-arm=sapt-lora:kl_ratio=0,sapt-lora-arm-real=sapt-lora:replay_source=real,inc-lora,mtl-lora,sapt-prompt,seq-prompt"
+  --methods "per-task-lora,sapt-lora,sapt-lora-kl0.1=sapt-lora:kl_ratio=0.1,sapt-lora-no-arm=sapt-lora:kl_ratio=0,sapt-lora-arm-real=sapt-lora:replay_source=real,seq-lora,inc-lora,mtl-lora,sapt-prompt,seq-prompt"

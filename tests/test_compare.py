@@ -31,6 +31,9 @@ def test_comparison_table_and_resume(tiny_llama_path, tmp_path):
     assert by["per-task-lora"]["FWT"] is None  # it is the single-task reference itself
     assert "task id given" in by["per-task-lora"]["note"] and "joint" in by["mtl-lora"]["note"]
     assert by["sapt-lora"]["trainable/task"] > by["seq-lora"]["trainable/task"]  # + router
+    stages = by["sapt-lora"]["results"]["stages"]
+    want = sum(s["train_s"] + s.get("replay_s", 0) + s["eval_s"] for s in stages)
+    assert by["sapt-lora"]["wall s"] == pytest.approx(want, abs=0.2)  # ARM's between-task work counts
     table = list(csv.reader((tmp_path / "cmp" / "table.csv").open()))
     assert table[0][:5] == ["method", "AP", "F.Ra", "FWT", "BWT"] and len(table) == 5
     assert (tmp_path / "cmp" / "matrices.png").stat().st_size > 0

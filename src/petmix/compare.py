@@ -17,7 +17,7 @@ from typing import Any
 from petmix.data.task import Task
 from petmix.errors import PetmixError
 from petmix.runs import read_json
-from petmix.train import TrainConfig, Trainer
+from petmix.train import TrainConfig, Trainer, stages_wall_seconds
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +94,7 @@ def run_comparison(entries: list[Entry], base: dict[str, Any], tasks: list[Task]
         m = results["metrics"]
         rows.append({"label": entry.label, "method": entry.label, "AP": m["AP"], "F.Ra": m["F.Ra"], "FWT": m["FWT"],
                      "BWT": m["BWT"], "trainable/task": results.get("trainable_params_per_task"),
-                     "wall s": results.get("wall_s"), "note": note_for(results), "results": results})
+                     "wall s": stages_wall_seconds(results.get("stages") or []), "note": note_for(results), "results": results})
     rows.sort(key=lambda r: [e.label for e in entries].index(r["label"]))
     (out_dir / "table.md").write_text(markdown_table(rows) + "\n", encoding="utf-8")
     (out_dir / "table.csv").write_text(csv_table(rows), encoding="utf-8")

@@ -134,6 +134,11 @@ class TrainConfig:
         return GenerationConfig(self.max_new_tokens, self.eval_batch_size, self.max_source_len, self.chat)
 
 
+def stages_wall_seconds(stages: list[dict[str, Any]]) -> float:
+    """A run's time: training, between-task work (e.g. ARM's generators) and evaluation of every stage."""
+    return round(sum(s.get("train_s", 0) + s.get("replay_s", 0) + s.get("eval_s", 0) for s in stages), 1)
+
+
 def block_config(cfg: TrainConfig, method: Method) -> LoRAConfig | PromptConfig:
     if method.block == "prompt":
         return PromptConfig(cfg.prompt_length, cfg.prompt_init)
@@ -415,7 +420,7 @@ class Trainer:
             "stages": [{k: v for k, v in r.items() if k != "scores"} for r in rows],
             "trainable_params_per_task": trainable,
             "model": self.backbone.describe(),
-            "wall_s": round(sum(r["train_s"] + r["eval_s"] for r in rows), 1),
+            "wall_s": stages_wall_seconds(rows),
         }
         write_json(self.out / "results.json", payload)
         return payload
