@@ -23,6 +23,7 @@ from petmix.data import (
 from petmix.errors import DataError, PetmixError
 
 FIXTURES = Path(__file__).parent / "fixtures"
+CL = FIXTURES / "cl_layout"  # hand-written tasks in the CL_Benchmark layout (SuperNI/, Long_Sequence/)
 SHARED_DATA = Path(__file__).parents[1].parent / "shared" / "data"
 
 
@@ -47,7 +48,7 @@ def cl_file(instances: object, definition: object = ("Do it.",)) -> dict:
 
 
 def test_superni_folder_with_list_outputs() -> None:
-    task = load_task(FIXTURES / "CL_Benchmark/SuperNI/task001_tiny_colour_qa")
+    task = load_task(CL / "SuperNI/task001_tiny_colour_qa")
     assert task.name == "task001_tiny_colour_qa"
     assert (task.benchmark, task.metric, task.template) == ("superni", "rougeL", "superni")
     assert task.definition == "Answer with the colour of the item."
@@ -57,7 +58,7 @@ def test_superni_folder_with_list_outputs() -> None:
 
 
 def test_long_sequence_folder_reads_labels_and_string_outputs() -> None:
-    task = load_task("tinysent", FIXTURES)
+    task = load_task("tinysent", CL)
     assert (task.benchmark, task.metric, task.template) == ("long", "exact_match", "long")
     assert task.labels == ["Good", "Bad"]
     assert task.train[1].outputs == ["Bad"]
@@ -65,40 +66,40 @@ def test_long_sequence_folder_reads_labels_and_string_outputs() -> None:
 
 
 def test_missing_test_is_derived_from_train_with_a_note() -> None:
-    task = load_task("tinynotest", FIXTURES)
+    task = load_task("tinynotest", CL)
     assert (len(task.train), len(task.test)) == (36, 4)
     assert not {e.input for e in task.train} & {e.input for e in task.test}
     assert any("test derived from held-back 10% of train (seed 0)" in n for n in task.notes)
-    assert load_task("tinynotest", FIXTURES).test == task.test
-    assert load_task("tinynotest", FIXTURES, seed=1).test != task.test
+    assert load_task("tinynotest", CL).test == task.test
+    assert load_task("tinynotest", CL, seed=1).test != task.test
 
 
 def test_missing_train_names_the_file() -> None:
     with pytest.raises(DataError, match=r"tinynotrain/train\.json.*missing"):
-        load_task("tinynotrain", FIXTURES)
+        load_task("tinynotrain", CL)
 
 
 # ---- spec resolution ---------------------------------------------------------------------------
 
 
 def test_prefix_and_name_resolution() -> None:
-    assert load_task("task001", FIXTURES).name == "task001_tiny_colour_qa"
-    assert load_task("task002", FIXTURES).name == "task002_tiny_summary"
-    assert load_task("SuperNI/task002_tiny_summary", FIXTURES).name == "task002_tiny_summary"
+    assert load_task("task001", CL).name == "task001_tiny_colour_qa"
+    assert load_task("task002", CL).name == "task002_tiny_summary"
+    assert load_task("SuperNI/task002_tiny_summary", CL).name == "task002_tiny_summary"
     with pytest.raises(DataError, match="ambiguous.*task001_tiny_colour_qa.*task002_tiny_summary"):
-        load_task("task00", FIXTURES)
+        load_task("task00", CL)
 
 
 def test_unknown_name_lists_close_matches() -> None:
     with pytest.raises(DataError, match=r"unknown task 'tinysnet'.*close matches: tinysent") as info:
-        load_task("tinysnet", FIXTURES)
-    assert str(FIXTURES) in str(info.value)
+        load_task("tinysnet", CL)
+    assert str(CL) in str(info.value)
     with pytest.raises(DataError, match="no such task folder"):
         load_task("no_such_dir_anywhere")
 
 
 def test_load_tasks_keeps_order() -> None:
-    tasks = load_tasks(["tinysent", "task001", str(FIXTURES / "generic_folder")], FIXTURES)
+    tasks = load_tasks(["tinysent", "task001", str(FIXTURES / "generic_folder")], CL)
     assert [t.name for t in tasks] == ["tinysent", "task001_tiny_colour_qa", "generic_folder"]
 
 
@@ -142,7 +143,7 @@ def test_bigbench_multiple_choice_uses_best_choices() -> None:
 
 
 def test_caps_are_seeded_random_samples() -> None:
-    folder = FIXTURES / "CL_Benchmark/SuperNI/task001_tiny_colour_qa"
+    folder = CL / "SuperNI/task001_tiny_colour_qa"
     a = load_task(folder, max_train=5, max_test=2, seed=3)
     b = load_task(folder, max_train=5, max_test=2, seed=3)
     c = load_task(folder, max_train=5, max_test=2, seed=4)
@@ -155,7 +156,7 @@ def test_caps_are_seeded_random_samples() -> None:
 
 
 def test_heldout_split_is_deterministic_and_disjoint_from_test() -> None:
-    task = load_task("tinynotest", FIXTURES)  # test carved from train too: the hardest case
+    task = load_task("tinynotest", CL)  # test carved from train too: the hardest case
     rest, held = task.heldout_split(0.25, seed=0)
     assert (len(rest), len(held)) == (27, 9)
     assert (rest, held) == task.heldout_split(0.25, seed=0)
@@ -167,12 +168,12 @@ def test_heldout_split_is_deterministic_and_disjoint_from_test() -> None:
 
 
 def test_templates() -> None:
-    task = load_task(FIXTURES / "CL_Benchmark/SuperNI/task002_tiny_summary")
+    task = load_task(CL / "SuperNI/task002_tiny_summary")
     assert format_prompt(task, "X") == (
         "Definition: Summarize the text in one sentence.\n\n"
         "Now complete the following example -\nInput: X\nOutput: "
     )
-    long = load_task("tinysent", FIXTURES)
+    long = load_task("tinysent", CL)
     assert format_prompt(long, "X") == "Make a judgement on the sentiment of the given text.\nX\nOutput: "
     generic = load_task(FIXTURES / "generic_folder")
     assert format_prompt(generic, "X") == "Repeat the word.\n\nInput: X\nOutput: "
@@ -323,7 +324,7 @@ def test_bigbench_tasks_share_one_pass(sdist_env: Path, monkeypatch: pytest.Monk
     passes = []
     scan = bigbench._scan_sdist
     monkeypatch.setattr(bigbench, "_scan_sdist", lambda *a: passes.append(a) or scan(*a))
-    tasks = load_tasks(["bigbench:tiny_choice", "bigbench:subtask901_tiny_echo", "tinysent"], FIXTURES)
+    tasks = load_tasks(["bigbench:tiny_choice", "bigbench:subtask901_tiny_echo", "tinysent"], CL)
     assert [t.name for t in tasks] == ["tiny_choice", "subtask901_tiny_echo", "tinysent"]
     assert len(passes) == 1
     assert load_task("bigbench:tiny_parent/part_a").name == "tiny_parent-part_a"
@@ -408,3 +409,11 @@ def test_real_benchmark_data() -> None:
     assert (len(imdb.train), len(imdb.test)) == (1800, 200) and "test derived" in imdb.notes[0]
     with pytest.raises(DataError, match=r"dbpedia/train\.json.*missing"):
         load_task("dbpedia", SHARED_DATA)
+
+
+def test_tasks_found_inside_a_cl_benchmark_folder(tmp_path):
+    import shutil
+
+    shutil.copytree(CL, tmp_path / "CL_Benchmark")
+    assert load_task("tinysent", tmp_path).name == "tinysent"
+    assert load_task("task001", tmp_path).name == "task001_tiny_colour_qa"
