@@ -184,7 +184,8 @@ class Trainer:
         if cfg_path.exists():
             old = read_json(cfg_path)
             ignore = {"single_task_results", "checkpoint_every", "eval_batch_size"}
-            diff = sorted(k for k in resolved if k not in ignore and old.get(k) != resolved[k])
+            # Keys an older petmix did not write were at their defaults then: only recorded keys count.
+            diff = sorted(k for k in resolved if k not in ignore and k in old and old[k] != resolved[k])
             if diff:
                 raise PetmixError(f"{cfg_path}: the run directory holds a run with other settings ({diff}); "
                                   "use a new --out or the same settings to resume")
