@@ -114,7 +114,8 @@ def write_heatmaps(run_dir: str | Path, results: dict[str, Any] | None = None) -
     panels = [(w, t) for w, t in [(train_w, "training phase: own training inputs"),
                                   (test_w, "test phase: test inputs after the last stage")] if w]
     if panels and len(results["tasks"]) > 0:
-        fig, axes = plt.subplots(1, len(panels), figsize=(2 + 1.4 * len(tasks) * len(panels), 1.5 + 0.5 * len(tasks)))
+        blocks_n = max(len(r) for w, _ in panels for r in w)
+        fig, axes = plt.subplots(1, len(panels), figsize=((3 + 0.7 * blocks_n) * len(panels), 1.8 + 0.5 * len(tasks)))
         axes = [axes] if len(panels) == 1 else list(axes)
         for ax, (w, title) in zip(axes, panels):
             blocks = [f"block {b + 1}" for b in range(max(len(r) for r in w))]
