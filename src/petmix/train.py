@@ -292,9 +292,9 @@ class Trainer:
                    unit="step", dynamic_ncols=True)
         task_index = self.method.routing_index(stage)
         self.mix.train()
-        # Running sums survive a resume, so a resumed stage reports what an uninterrupted one does.
         for hook in self.hooks:
             hook.prepare_stage(self, stage)
+        # Running sums survive a resume, so a resumed stage reports what an uninterrupted one does.
         stats = {"weight_sum": torch.zeros(self.mix.num_blocks, dtype=torch.float64),
                  **{f"{h.name}_sum": torch.zeros((), dtype=torch.float64) for h in self.hooks},
                  "loss_sum": torch.zeros((), dtype=torch.float64), "n_seen": torch.zeros((), dtype=torch.float64),

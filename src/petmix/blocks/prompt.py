@@ -59,9 +59,6 @@ class PromptPool:
     def block_parameters(self, i: int) -> list[nn.Parameter]:
         return [self.prompts[i]]
 
-    def parameters(self) -> list[nn.Parameter]:
-        return list(self.prompts)
-
     def mixed(self, weights: torch.Tensor) -> torch.Tensor:
         """Per-input prompts ``[B, length, d]`` = sum_i weights[b, i] * P_i."""
         stacked = torch.stack(list(self.prompts))  # [n, length, d]

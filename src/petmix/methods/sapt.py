@@ -108,11 +108,15 @@ class AttentiveReflection(StageHook):
         inputs = [ex.input for ex in task.train]
         return rng.sample(inputs, min(keep, len(inputs)))
 
-    def _route(self, mix: Mixture, task: Task, inputs: list[str], max_source_len: int, chat: bool, n: int) -> torch.Tensor:
+    @staticmethod
+    def _encode(mix: Mixture, task: Task, inputs: list[str], max_source_len: int, chat: bool) -> list[list[int]]:
+        """Token ids of the task's prompts for these inputs, as training and evaluation build them."""
         backbone: Backbone = mix.backbone
         prompts = [backbone.render(format_prompt(task, x), chat) for x in inputs]
-        ids = encode_prompts(backbone.tokenizer, prompts, max_source_len)
-        return self._route_ids(mix, ids, n)
+        return encode_prompts(backbone.tokenizer, prompts, max_source_len)
+
+    def _route(self, mix: Mixture, task: Task, inputs: list[str], max_source_len: int, chat: bool, n: int) -> torch.Tensor:
+        return self._route_ids(mix, self._encode(mix, task, inputs, max_source_len, chat), n)
 
     @staticmethod
     def _route_ids(mix: Mixture, ids: list[list[int]], n: int) -> torch.Tensor:
@@ -161,13 +165,11 @@ class AttentiveReflection(StageHook):
     # ---- the mechanism ----------------------------------------------------------------------------
     def prepare(self, mix: Mixture, earlier: list[Task], max_source_len: int, chat: bool) -> None:
         """Tokenise the pseudo-inputs of the earlier tasks once per stage."""
-        backbone = mix.backbone
         self._encoded = {}
         for task in earlier:
             pool = self.pools.get(task.name) or []
             if pool and task.name in self.targets:
-                prompts = [backbone.render(format_prompt(task, x), chat) for x in pool]
-                self._encoded[task.name] = encode_prompts(backbone.tokenizer, prompts, max_source_len)
+                self._encoded[task.name] = self._encode(mix, task, pool, max_source_len, chat)
 
     def reflection_loss(self, mix: Mixture, micro_batch: int) -> torch.Tensor | None:
         """Sum over earlier tasks of KL(target || router weights) on one pseudo batch each."""
