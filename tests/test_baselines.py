@@ -69,3 +69,133 @@ def test_baselines_train_on_a_stream(tiny_llama_path, tmp_path, method):
     if method == "replay":
         assert stages[2]["replay_buffer"] == 12 and "real examples" in stages[0]["replay"]
         assert len(read_json(tmp_path / "run" / "replay_buffer.json")) == 3
+
+
+# ---- seq-ft, LwF, L2P, LFPT5, progressive prompts -------------------------------------------------
+
+def test_distillation_loss_is_smallest_when_student_matches_teacher():
+    from petmix.methods.baselines import distillation_loss
+
+    teacher = torch.tensor([[2.0, 0.5, -1.0, 0.0]])
+    p = torch.softmax(teacher / 2.0, -1)
+    ids, probs = torch.tensor([[0, 1, 2, 3]]), p
+    at_teacher = distillation_loss(teacher, ids, probs, 2.0)
+    assert float(at_teacher) == pytest.approx(float(-(p * p.log()).sum()))  # the teacher's entropy: KL = 0
+    assert float(distillation_loss(torch.tensor([[0.0, 3.0, 0.0, 0.0]]), ids, probs, 2.0)) > float(at_teacher)
+
+
+def test_key_query_router_selects_the_prompt_whose_key_matches(tiny_llama_path):
+    from petmix.backbone import load_backbone
+    from petmix.blocks.prompt import PromptConfig
+    from petmix.mixture import Mixture
+
+    backbone = load_backbone(str(tiny_llama_path))
+    mix = Mixture(backbone, PromptConfig(length=2, combine="concat"), routing="key-query", top_k=2, pool_size=6)
+    for _ in range(6):
+        mix.add_task()
+    tok = backbone.tokenizer
+    ids = torch.tensor([tok("say cat now")["input_ids"][:4], tok("the mat is red")["input_ids"][:4]])
+    mask = torch.ones_like(ids)
+    q = backbone.features(ids, mask)
+    with torch.no_grad():
+        mix.router.keys[4].copy_(q[0])
+        mix.router.keys[1].copy_(q[1])
+    sel = mix.weights_for(ids, mask)
+    assert sel.sum(1).tolist() == [2.0, 2.0]
+    assert sel[0, 4] == 1 and sel[1, 1] == 1
+    assert float(mix.router.last_match_loss.detach()) < 1.0  # the matching key is at cosine 1
+    # The selected prompts are concatenated: 2 prompts x 2 tokens in front of the input.
+    inputs = mix.pool.model_inputs({"input_ids": ids, "attention_mask": mask}, sel)
+    assert inputs["inputs_embeds"].shape[1] == ids.shape[1] + 4
+    assert torch.equal(inputs["inputs_embeds"][0, 2:4], mix.pool.prompts[4].detach())
+
+
+def test_l2p_training_pulls_keys_toward_the_queries_that_select_them(tiny_llama_path, tmp_path):
+    cfg = TrainConfig(method="l2p", model=str(tiny_llama_path), batch_size=4, lr=5e-2, max_new_tokens=2,
+                      l2p_pool_size=4, l2p_top_k=1, l2p_lambda=1.0, epochs=3)
+    res = Trainer(cfg, make_tasks(2), tmp_path / "run").run()
+    s = res["stages"]
+    assert res["task_id_at_test"] is False
+    assert 0 < s[0]["mean_key_match_loss"] and 0 < s[1]["mean_key_match_loss"]
+    weights = s[1]["train_router_weights"]  # selection frequency per prompt: one of four per input
+    assert len(weights) == 4 and sum(weights) == pytest.approx(1.0)
+    d = 32  # tiny model width
+    assert res["trainable_params_per_task"] == 4 * (cfg.prompt_length + 1) * d
+
+
+def test_progressive_prompts_concatenate_earlier_prompts_and_train_only_the_new_one(tiny_llama_path, tmp_path):
+    from petmix.mixture import Mixture  # noqa: F401
+
+    cfg = TrainConfig(method="prog-prompt", model=str(tiny_llama_path), batch_size=4, lr=5e-2, max_new_tokens=2)
+    trainer = Trainer(cfg, make_tasks(3), tmp_path / "run")
+    res = trainer.run()
+    assert res["task_id_at_test"] is True
+    mix = trainer.mix
+    w = mix.weights_for(torch.ones(2, 3, dtype=torch.long), torch.ones(2, 3), task_index=1)
+    assert w.tolist() == [[1.0, 1.0, 0.0]] * 2
+    emb = mix.pool.model_inputs({"input_ids": torch.ones(2, 3, dtype=torch.long),
+                                 "attention_mask": torch.ones(2, 3, dtype=torch.long)}, w)["inputs_embeds"]
+    assert emb.shape[1] == 3 + 2 * cfg.prompt_length
+    stages = [load_file(tmp_path / "run" / "checkpoints" / f"stage-{i}.safetensors") for i in (1, 2, 3)]
+    assert torch.equal(stages[0]["prompt.0"], stages[2]["prompt.0"])  # earlier prompts stay frozen
+    assert torch.equal(stages[1]["prompt.1"], stages[2]["prompt.1"])
+    assert "prompt.2" in stages[2] and "prompt.2" not in stages[1]
+
+
+def test_seq_ft_partial_unfreeze_trains_only_the_top_layers(tiny_llama_path, tmp_path):
+    cfg = TrainConfig(method="seq-ft", model=str(tiny_llama_path), batch_size=4, lr=1e-3, max_new_tokens=2,
+                      unfreeze="last:1")
+    trainer = Trainer(cfg, make_tasks(2), tmp_path / "run")
+    before = {k: v.clone() for k, v in trainer.backbone.model.state_dict().items()}
+    res = trainer.run()
+    after = trainer.backbone.model.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    n_layers = trainer.backbone.model.config.num_hidden_layers
+    assert changed and all(f"layers.{n_layers - 1}." in k or "norm" in k or "lm_head" in k for k in changed)
+    assert not any(f"layers.{n_layers - 2}." in k for k in changed)
+    saved = load_file(tmp_path / "run" / "adapters.safetensors")
+    assert all(k.startswith("full.") for k in saved) and len(saved) < len(before)
+    assert res["trainable_params_per_task"] == sum(v.numel() for k, v in saved.items())
+
+
+def test_lwf_distils_from_the_model_before_the_task(tiny_llama_path, tmp_path):
+    cfg = TrainConfig(method="lwf", model=str(tiny_llama_path), batch_size=4, lr=5e-3, max_new_tokens=2, lwf_topk=5)
+    res = Trainer(cfg, make_tasks(3), tmp_path / "run").run()
+    stages = res["stages"]
+    assert stages[0]["mean_lwf_loss"] is None and stages[1]["mean_lwf_loss"] > 0
+    teacher = load_file(tmp_path / "run" / "lwf" / "teacher-stage-2.safetensors")
+    assert teacher["ids"].shape[1] == 5 and teacher["offsets"][-1] == teacher["ids"].shape[0]
+    assert torch.allclose(teacher["probs"].float().sum(1), torch.ones(teacher["ids"].shape[0]), atol=1e-2)
+
+
+def test_lfpt5_replays_generated_and_model_labelled_samples(tiny_llama_path, tmp_path, monkeypatch):
+    import petmix.evaluate
+    import petmix.replay.generator as generator
+
+    # The generator is tested in test_replay.py, generation in test_backbone_eval.py. Here: the pseudo-inputs
+    # go to the model being trained (its prepare hook, the task's prompt format) and what it answers is replayed.
+    fake = ["say yes number 40", "say yes number 41 x"]
+    monkeypatch.setattr(generator, "generate_pseudo_inputs", lambda *a, **k: (list(fake), {"kept": 2}))
+    calls = []
+    real_generate = petmix.evaluate.generate
+
+    def labelling(backbone, prompts, cfg=None, prepare=None, desc=""):
+        texts, weights = real_generate(backbone, prompts, cfg, prepare, desc)
+        if not desc.startswith("label"):
+            return texts, weights  # evaluation
+        calls.append((prompts, prepare, texts))
+        return ["yes", ""], None  # an empty answer is dropped, not replayed
+
+    monkeypatch.setattr(petmix.evaluate, "generate", labelling)
+    cfg = TrainConfig(method="lfpt5", model=str(tiny_llama_path), batch_size=4, lr=5e-2, max_new_tokens=2,
+                      buffer_per_batch=3)
+    trainer = Trainer(cfg, make_tasks(2), tmp_path / "run")
+    res = trainer.run()
+    (prompts, prepare, _), = calls  # once: after task 1, none after the last task
+    assert prompts == [f"Answer yes.\n{x}" for x in fake] or all(x in p for x, p in zip(fake, prompts))
+    assert prepare is not None
+    saved = read_json(tmp_path / "run" / "lfpt5_pseudo_samples.json")
+    assert list(saved) == ["0"] and saved["0"]["samples"] == [{"input": fake[0], "label": "yes"}]
+    assert "generated pseudo-samples" in res["stages"][0]["replay"]
+    hook = trainer.hooks[0]
+    assert len(hook.buffer) == 1 and hook.extra_examples(0) == [hook.buffer[0]] * 3

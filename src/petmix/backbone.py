@@ -77,6 +77,17 @@ class Backbone:
         """Frozen token input embeddings (what routers pool over)."""
         return self.model.get_input_embeddings()(input_ids)
 
+    @torch.no_grad()
+    def features(self, input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Mean of the last hidden states over the ``mask`` tokens ``[B, d]`` (L2P's query).
+        Only the masked tokens are attended to, so answer tokens in a training batch do not leak in."""
+        if self.is_seq2seq:
+            hidden = self.model.get_encoder()(input_ids=input_ids, attention_mask=mask).last_hidden_state
+        else:
+            hidden = self.model.base_model(input_ids=input_ids, attention_mask=mask.long()).last_hidden_state
+        m = mask.to(hidden.dtype).unsqueeze(-1)
+        return (hidden * m).sum(1) / m.sum(1).clamp_min(1.0)
+
     def render(self, prompt: str, chat: bool = False) -> str:
         """The text fed to the model for one prompt; ``chat`` wraps it in the tokenizer's chat template."""
         if not chat:

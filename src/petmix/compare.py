@@ -16,6 +16,7 @@ from typing import Any
 
 from petmix.data.task import Task
 from petmix.errors import PetmixError
+from petmix.methods import get_method
 from petmix.runs import read_json
 from petmix.train import TrainConfig, Trainer, stages_wall_seconds
 
@@ -84,7 +85,7 @@ def run_comparison(entries: list[Entry], base: dict[str, Any], tasks: list[Task]
             values["single_task_results"] = str(out_dir / single.label)
         cfg = TrainConfig.from_dict(values, f"entry {entry.label}")
         run_dir = out_dir / entry.label
-        expected = 1 if cfg.method == "mtl-lora" else len(tasks)
+        expected = 1 if get_method(cfg.method).joint else len(tasks)
         if _finished(run_dir, expected):
             log.info("%s: finished earlier, reading %s", entry.label, run_dir)
             results = read_json(run_dir / "results.json")

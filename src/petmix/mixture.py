@@ -3,7 +3,9 @@
 Routing rules:
 - ``attention``: SAPT's shared attention router (no task id, learned);
 - ``sum``: every block with weight 1 (IncLoRA, and single-block methods such as SeqLoRA);
-- ``task``: the true task's block only (PerTask references: the task id is given).
+- ``task``: the true task's block only (PerTask references: the task id is given);
+- ``progressive``: blocks 1..t of task t, concatenated (Progressive Prompts: the task id is given);
+- ``key-query``: L2P's top-k selection from a shared pool by key-query matching (no task id).
 """
 
 from __future__ import annotations
@@ -15,31 +17,49 @@ import torch
 from torch import nn
 
 from petmix.backbone import Backbone
+from petmix.blocks.bitfit import BitFitPool
+from petmix.blocks.full import BackbonePool, FullConfig
 from petmix.blocks.lora import LoRAConfig, LoRAPool
 from petmix.blocks.prompt import PromptConfig, PromptPool
-from petmix.router import SharedAttentionRouter
+from petmix.router import KeyQueryRouter, SharedAttentionRouter
 
-ROUTINGS = ("attention", "sum", "task")
+BlockConfig = LoRAConfig | PromptConfig | FullConfig | str  # "bitfit"
+
+ROUTINGS = ("attention", "sum", "task", "progressive", "key-query")
+TASK_ID_ROUTINGS = ("task", "progressive")
 
 
 class Mixture(nn.Module):
-    def __init__(self, backbone: Backbone, blocks: LoRAConfig | PromptConfig, routing: str = "attention",
-                 router_hidden: int = 100, seed: int = 0):
+    def __init__(self, backbone: Backbone, blocks: BlockConfig, routing: str = "attention",
+                 router_hidden: int = 100, seed: int = 0, top_k: int = 5, pool_size: int = 10):
         super().__init__()
+        self.pool_size = pool_size  # key-query routing (L2P): prompts in the shared pool
         if routing not in ROUTINGS:
             raise ValueError(f"routing must be one of {ROUTINGS}, not {routing!r}")
         self.backbone = backbone
         self.model = backbone.model  # registered, so .parameters() and accelerate see every weight
-        self.pool: LoRAPool | PromptPool
+        self.pool: LoRAPool | PromptPool | BackbonePool
         if isinstance(blocks, PromptConfig):
             self.pool = PromptPool(backbone, blocks, seed)
             self.prompts = self.pool.prompts  # registered here: prompts live outside the backbone
+        elif isinstance(blocks, FullConfig):
+            self.pool = BackbonePool(backbone.model, blocks)
+        elif blocks == "bitfit":
+            self.pool = BitFitPool(backbone.model)
         else:
             self.pool = LoRAPool(backbone.model, blocks, backbone.family)  # layers live inside it
         self.routing = routing
-        self.router = SharedAttentionRouter(backbone.hidden_size, router_hidden) if routing == "attention" else None
+        self.router: SharedAttentionRouter | KeyQueryRouter | None = None
+        if routing == "attention":
+            self.router = SharedAttentionRouter(backbone.hidden_size, router_hidden)
+        elif routing == "key-query":
+            self.router = KeyQueryRouter(backbone.hidden_size, top_k)
         if self.router is not None:
             self.router.to(backbone.device)
+
+    keep_logits = False
+    last_logits: torch.Tensor | None = None
+    last_labels: torch.Tensor | None = None
 
     @property
     def num_blocks(self) -> int:
@@ -55,23 +75,33 @@ class Mixture(nn.Module):
     def weights_for(self, input_ids: torch.Tensor, source_mask: torch.Tensor, task_index: int | None = None) -> torch.Tensor:
         n, b = self.num_blocks, input_ids.shape[0]
         if self.routing == "attention":
-            assert self.router is not None
+            assert isinstance(self.router, SharedAttentionRouter)
             return self.router(self.backbone.embed(input_ids), source_mask, n)
+        if self.routing == "key-query":
+            assert isinstance(self.router, KeyQueryRouter)
+            return self.router(self.backbone.features(input_ids, source_mask))
         if self.routing == "sum":
             return torch.ones(b, n, device=input_ids.device)
         if task_index is None:
-            raise ValueError("task routing needs the task index")
+            raise ValueError(f"{self.routing} routing needs the task index")
         w = torch.zeros(b, n, device=input_ids.device)
-        w[:, task_index] = 1.0
+        if self.routing == "progressive":
+            w[:, : task_index + 1] = 1.0
+        else:
+            w[:, task_index] = 1.0
         return w
 
     def forward(self, batch: dict[str, torch.Tensor], task_index: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Training loss on answer tokens, and the weights used."""
         weights = self.weights_for(batch["input_ids"], batch["source_mask"], task_index)
         try:
-            out = self.model(**self.pool.model_inputs(batch, weights))
+            inputs = self.pool.model_inputs(batch, weights)
+            out = self.model(**inputs)
         finally:
             self.pool.clear()
+        # Kept for hooks that need the outputs (LwF's distillation), dropped by the next forward.
+        self.last_logits = out.logits if self.keep_logits else None
+        self.last_labels = inputs.get("labels") if self.keep_logits else None
         return out.loss, weights
 
     def prepare_fn(self, task_index: int | None = None) -> Callable[[dict[str, torch.Tensor]], tuple[dict[str, Any], torch.Tensor]]:

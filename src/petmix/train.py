@@ -22,6 +22,7 @@ from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
 from petmix.backbone import DEFAULT_MODEL, Backbone, load_backbone
+from petmix.blocks.full import FullConfig
 from petmix.blocks.lora import LoRAConfig
 from petmix.blocks.prompt import PromptConfig
 from petmix.data.collate import encode_answers, encode_prompts, training_batch
@@ -32,7 +33,7 @@ from petmix.evaluate import GenerationConfig, evaluate_tasks
 from petmix.methods import Method, get_method
 from petmix.methods.base import StageHook, make_hooks
 from petmix.metrics import cl_metrics, single_row_metrics
-from petmix.mixture import Mixture
+from petmix.mixture import BlockConfig, Mixture
 from petmix.runs import read_json, save_tensors, write_json, write_jsonl
 
 log = logging.getLogger(__name__)
@@ -85,7 +86,14 @@ class TrainConfig:
     ewc_gamma: float = 1.0  # online EWC: decay of earlier Fisher terms
     ewc_fisher_batches: int = 8
     buffer_per_task: int = 16  # replay: real examples kept per finished task
-    buffer_per_batch: int = 2  # replay: buffer examples added to every micro-batch
+    buffer_per_batch: int = 2  # replay and lfpt5: buffer examples added to every micro-batch
+    unfreeze: str = "all"  # seq-ft: "all", "last:N" (top N layers, final norm, head) or a name regex
+    lwf_alpha: float = 1.0  # LwF: weight of the distillation term
+    lwf_temperature: float = 2.0
+    lwf_topk: int = 20  # LwF: teacher distribution kept over its top-k tokens per answer position
+    l2p_pool_size: int = 10  # L2P: prompts in the shared pool (M)
+    l2p_top_k: int = 5  # L2P: prompts selected per input (N)
+    l2p_lambda: float = 0.1  # L2P: weight of the key-query matching loss
 
     @classmethod
     def from_dict(cls, values: dict[str, Any], source: str = "config") -> TrainConfig:
@@ -116,6 +124,8 @@ class TrainConfig:
             (self.replay_source in ("generated", "real"), "replay_source must be 'generated' or 'real'"),
             (self.replay_batch_size >= 1 and self.replay_every >= 1, "replay_batch_size and replay_every must be >= 1"),
             (0 < self.heldout_fraction < 1, "heldout_fraction must lie in (0, 1)"),
+            (1 <= self.l2p_top_k <= self.l2p_pool_size, "l2p_top_k must lie in 1..l2p_pool_size"),
+            (self.lwf_temperature > 0 and self.lwf_topk >= 1, "lwf_temperature must be > 0 and lwf_topk >= 1"),
         ]
         for ok, problem in checks:
             if not ok:
@@ -139,9 +149,13 @@ def stages_wall_seconds(stages: list[dict[str, Any]]) -> float:
     return round(sum(s.get("train_s", 0) + s.get("replay_s", 0) + s.get("eval_s", 0) for s in stages), 1)
 
 
-def block_config(cfg: TrainConfig, method: Method) -> LoRAConfig | PromptConfig:
+def block_config(cfg: TrainConfig, method: Method) -> BlockConfig:
     if method.block == "prompt":
-        return PromptConfig(cfg.prompt_length, cfg.prompt_init)
+        return PromptConfig(cfg.prompt_length, cfg.prompt_init, combine=method.combine)
+    if method.block == "full":
+        return FullConfig(cfg.unfreeze)
+    if method.block == "bitfit":
+        return "bitfit"
     return LoRAConfig(cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, list(cfg.target_modules))
 
 
@@ -168,7 +182,12 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         self.backbone = backbone or load_backbone(cfg.model)
         self.backbone.model.to(self.accelerator.device)
-        self.mix = Mixture(self.backbone, block_config(cfg, self.method), self.method.routing, cfg.router_hidden, cfg.seed)
+        self.mix = Mixture(self.backbone, block_config(cfg, self.method), self.method.routing, cfg.router_hidden, cfg.seed,
+                           top_k=cfg.l2p_top_k, pool_size=cfg.l2p_pool_size)
+        self.trainable_count = 0  # parameters the latest stage trained (reported per task)
+        # The micro-batch being trained on, for hooks whose loss needs it (LwF).
+        self.step_indices: list[int] = []
+        self.step_batch: dict[str, torch.Tensor] = {}
         self.stages: list[list[Task]] = [tasks] if self.method.joint else [[t] for t in tasks]
         self.state_dir = self.out / "state"
         self.single_task = self._single_task_scores()
@@ -277,6 +296,7 @@ class Trainer:
             trainable = self.method.begin_task(self.mix, stage)
         else:  # blocks already restored from the checkpoint: only re-select what trains
             trainable = self.method.select_trainable(self.mix)
+        self.trainable_count = sum(p.numel() for p in trainable)
         optimizer = self._optimizer(trainable)
         progress = {"stage": stage, "epoch": 0, "batch": 0, "step": 0, "stage_done": False, "evaluated": False}
         if resume is not None:
@@ -296,7 +316,7 @@ class Trainer:
             hook.prepare_stage(self, stage)
         # Running sums survive a resume, so a resumed stage reports what an uninterrupted one does.
         stats = {"weight_sum": torch.zeros(self.mix.num_blocks, dtype=torch.float64),
-                 **{f"{h.name}_sum": torch.zeros((), dtype=torch.float64) for h in self.hooks},
+                 **{f"{h.name}_{k}": torch.zeros((), dtype=torch.float64) for h in self.hooks for k in ("sum", "n")},
                  "loss_sum": torch.zeros((), dtype=torch.float64), "n_seen": torch.zeros((), dtype=torch.float64),
                  "n_batches": torch.zeros((), dtype=torch.float64), "train_s": torch.zeros((), dtype=torch.float64)}
         if resume is not None:
@@ -313,6 +333,7 @@ class Trainer:
             batch = training_batch(self.backbone.tokenizer, [p for p, _ in pairs], [a for _, a in pairs],
                                    self.backbone.is_seq2seq)
             batch = {k: v.to(acc.device) for k, v in batch.items()}
+            self.step_indices, self.step_batch = idx, batch
             with acc.autocast():
                 loss, weights = self.mix(batch, task_index)
                 total = loss
@@ -321,6 +342,7 @@ class Trainer:
                     if extra is not None:
                         total = total + extra
                         stats[f"{hook.name}_sum"] += float(extra.detach())
+                        stats[f"{hook.name}_n"] += 1
             acc.backward(total / cfg.grad_accum)
             stats["weight_sum"] += weights.detach().double().sum(0).cpu()
             stats["loss_sum"] += float(loss.detach())
@@ -352,11 +374,11 @@ class Trainer:
         log.info("stage %d (%s): %d steps, mean loss %.4f, %.1f s", stage + 1, name, progress["step"], mean_loss, train_s)
         info = {"train_s": round(train_s, 1), "steps": progress["step"], "mean_loss": round(mean_loss, 5),
                 "train_router_weights": ([round(float(w), 6) for w in stats["weight_sum"] / stats["n_seen"]]
-                                         if self.mix.routing == "attention" else None)}
+                                         if self.mix.routing in ("attention", "key-query") else None)}
         for hook in self.hooks:
             if type(hook).loss is not StageHook.loss:  # hooks that add a loss report its mean
-                mean = float(stats[f"{hook.name}_sum"] / stats["n_batches"].clamp(min=1))
-                info[f"mean_{hook.name}_loss"] = round(mean, 6) if stage > 0 else None
+                n = float(stats[f"{hook.name}_n"])  # batches the hook added a loss to
+                info[f"mean_{hook.name}_loss"] = round(float(stats[f"{hook.name}_sum"]) / n, 6) if n else None
             info.update(hook.after_stage(self, stage))
         progress.update(stage_done=True, evaluated=False, info=info)
         self._save_state(progress, None)
@@ -405,9 +427,9 @@ class Trainer:
         per_task = {t.name: {"metric": t.metric, "benchmark": t.benchmark, "template": t.template,
                              "definition": t.definition, "n_train": len(t.train),
                              "n_test": len(t.test), "source": t.source, "notes": t.notes} for t in self.tasks}
-        trainable = sum(p.numel() for p in self.mix.pool.block_parameters(0))
-        if self.mix.router is not None:
-            trainable += sum(p.numel() for p in self.mix.router.query.parameters()) + self.backbone.hidden_size
+        if not self.trainable_count:  # every stage was read back from disk: count what the last one trains
+            self.trainable_count = sum(p.numel() for p in self.method.select_trainable(self.mix))
+        trainable = self.trainable_count
         payload = {
             "method": self.method.name,
             "method_summary": self.method.summary,

@@ -1,7 +1,9 @@
 """A pool of soft prompts, one per task, mixed by per-input weights and prepended to the input.
 
 The instance prompt is ``sum_i a_i P_i`` (shape ``[length, d]``), computed for the whole batch in one
-einsum. Decoders get it in front of the prompt tokens (after any left padding, so positions stay
+einsum (``combine="sum"``: SAPT, ATTEMPT), or the prompts with a non-zero weight concatenated in index
+order (``combine="concat"``: progressive prompts, L2P's top-k selection; every input must select the
+same number of prompts). Decoders get it in front of the prompt tokens (after any left padding, so positions stay
 contiguous); encoder-decoders get it in front of the encoder input.
 """
 
@@ -22,6 +24,20 @@ class PromptConfig:
     length: int = 10
     init: str = "vocab"  # "vocab": embeddings of random ids among the first `vocab_top`; or a .safetensors path
     vocab_top: int = 5000
+    combine: str = "sum"  # "sum" | "concat"
+
+
+def concat_selected(stacked: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """``stacked [n, L, d]``, ``weights [B, n]`` with k non-zero entries per row -> ``[B, k*L, d]``."""
+    chosen = weights != 0
+    counts = chosen.sum(1)
+    k = int(counts[0])
+    if k == 0 or bool((counts != k).any()):
+        raise ValueError("concat prompts: every input must select the same, non-zero number of prompts")
+    idx = chosen.nonzero()[:, 1].view(-1, k)  # row-major: each row's indices in ascending order
+    scale = weights.gather(1, idx).to(stacked.dtype)[..., None, None]
+    b, (_, length, d) = weights.shape[0], stacked.shape
+    return (stacked[idx] * scale).reshape(b, k * length, d)
 
 
 class PromptPool:
@@ -60,9 +76,12 @@ class PromptPool:
         return [self.prompts[i]]
 
     def mixed(self, weights: torch.Tensor) -> torch.Tensor:
-        """Per-input prompts ``[B, length, d]`` = sum_i weights[b, i] * P_i."""
+        """Per-input prompts: ``[B, length, d]`` = sum_i weights[b, i] * P_i, or (concat) the selected
+        prompts one after another, ``[B, k * length, d]``, each scaled by its weight."""
         stacked = torch.stack(list(self.prompts))  # [n, length, d]
-        return torch.einsum("bn,nld->bld", weights.to(stacked.dtype), stacked)
+        if self.cfg.combine == "sum":
+            return torch.einsum("bn,nld->bld", weights.to(stacked.dtype), stacked)
+        return concat_selected(stacked, weights)
 
     def model_inputs(self, batch: dict[str, torch.Tensor], weights: torch.Tensor) -> dict[str, torch.Tensor]:
         """Keyword arguments for the model (or ``generate``) with the instance prompt in front of the input."""

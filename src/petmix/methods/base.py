@@ -10,7 +10,8 @@ import torch
 from torch import nn
 
 from petmix.errors import PetmixError
-from petmix.mixture import Mixture
+from petmix.mixture import TASK_ID_ROUTINGS, Mixture
+from petmix.router import SharedAttentionRouter
 
 if TYPE_CHECKING:
     from petmix.train import Trainer
@@ -43,21 +44,25 @@ class StageHook:
 @dataclass(frozen=True)
 class Method:
     name: str
-    routing: str                 # "attention" | "sum" | "task" (see petmix.mixture)
-    new_block_per_task: bool     # False: one block, trained on in sequence
+    routing: str                 # see petmix.mixture.ROUTINGS
+    new_block_per_task: bool     # False: one block (or one shared pool), trained on in sequence
     joint: bool = False          # True: one stage on all tasks at once (multi-task learning)
-    block: str = "lora"          # "lora" | "prompt" (see petmix.blocks)
+    block: str = "lora"          # "lora" | "prompt" | "full" | "bitfit" (see petmix.blocks)
     hooks: tuple[str, ...] = ()  # extra losses and between-task work (see make_hooks)
+    combine: str = "sum"         # prompt blocks: "sum" (weighted) or "concat" (selected prompts in a row)
     summary: str = ""
     paper: str = ""
 
     @property
     def task_id_at_test(self) -> bool:
-        return self.routing == "task"
+        return self.routing in TASK_ID_ROUTINGS
 
     def begin_task(self, mix: Mixture, task_index: int) -> list[nn.Parameter]:
         """Add this task's block (if the method does), freeze everything else, return what trains."""
-        if self.new_block_per_task or mix.num_blocks == 0:
+        if self.routing == "key-query":  # L2P: the whole pool exists from the start and is shared
+            while mix.num_blocks < mix.pool_size:
+                mix.add_task()
+        elif self.new_block_per_task or mix.num_blocks == 0:
             mix.add_task()
         return self.select_trainable(mix)
 
@@ -65,8 +70,13 @@ class Method:
         """Freeze everything but the newest block (and, with a router, its key and the query projection)."""
         mix.requires_grad_(False)
         current = mix.num_blocks - 1
-        trainable = list(mix.pool.block_parameters(current))
-        if mix.router is not None:
+        if self.routing == "key-query":  # L2P: every prompt of the pool and every key
+            assert mix.router is not None
+            trainable = [p for i in range(mix.num_blocks) for p in mix.pool.block_parameters(i)]
+            trainable += list(mix.router.keys)
+        else:
+            trainable = list(mix.pool.block_parameters(current))
+        if isinstance(mix.router, SharedAttentionRouter):
             # SAPT: the new block, the new key and the shared query projection; old keys stay frozen.
             trainable += list(mix.router.query.parameters()) + [mix.router.keys[current]]
         for p in trainable:
@@ -75,8 +85,8 @@ class Method:
         return trainable
 
     def routing_index(self, task_index: int) -> int | None:
-        """Which block the task id selects (task routing only)."""
-        return task_index if self.routing == "task" else None
+        """Which block the task id selects (task-id routings only)."""
+        return task_index if self.routing in TASK_ID_ROUTINGS else None
 
 
 def assert_only_trainable(module: nn.Module, expected: list[nn.Parameter]) -> None:
@@ -107,6 +117,24 @@ METHODS: dict[str, Method] = {
                paper="Kirkpatrick et al., PNAS 2017"),
         Method("replay", "sum", False, hooks=("replay",),
                summary="one LoRA in sequence, real examples of earlier tasks mixed into every batch"),
+        Method("seq-ft", "sum", False, block="full",
+               summary="full fine-tuning of the backbone in sequence (SeqFT); --unfreeze last:N trains only the top N layers"),
+        Method("lwf", "sum", False, hooks=("lwf",),
+               summary="one LoRA in sequence; new-task inputs are also fitted to the previous model's output "
+                       "distributions (temperature-scaled KL on the answer tokens)",
+               paper="Li and Hoiem, ECCV 2016 (Learning without Forgetting)"),
+        Method("l2p", "key-query", False, block="prompt", combine="concat", hooks=("l2p",),
+               summary="a shared pool of prompts with learnable keys; the frozen model's mean hidden state of the "
+                       "input is the query; the top-k prompts by cosine are concatenated (no task id)",
+               paper="Wang et al., CVPR 2022 (Learning to Prompt)"),
+        Method("lfpt5", "sum", False, block="prompt", hooks=("lfpt5",),
+               summary="one soft prompt in sequence; generated pseudo-samples of earlier tasks (inputs from a "
+                       "per-task generator, labels from the model after that task) are mixed into every batch",
+               paper="Qin and Joty, ICLR 2022 (LFPT5)"),
+        Method("prog-prompt", "progressive", True, block="prompt", combine="concat",
+               summary="a new prompt per task; task t trains its prompt after the frozen prompts of tasks 1..t-1, "
+                       "concatenated; the task id picks how many prompts at test",
+               paper="Razdaibiedina et al., ICLR 2023 (Progressive Prompts)"),
         Method("sapt-prompt", "attention", True, block="prompt", hooks=("arm",),
                summary="SAPT with a soft prompt per task: the instance prompt is the router-weighted sum",
                paper="Zhao et al., ACL 2024"),
@@ -151,6 +179,20 @@ def make_hooks(method: Method, trainer: Trainer) -> list[StageHook]:
 
             cfg = trainer.cfg
             hooks.append(ExperienceReplay(trainer.out, cfg.buffer_per_task, cfg.buffer_per_batch, cfg.seed))
+        elif name == "lwf":
+            from petmix.methods.baselines import LearningWithoutForgetting
+
+            cfg = trainer.cfg
+            hooks.append(LearningWithoutForgetting(trainer.out, cfg.lwf_alpha, cfg.lwf_temperature, cfg.lwf_topk))
+        elif name == "l2p":
+            from petmix.methods.baselines import KeyMatching
+
+            hooks.append(KeyMatching(trainer.cfg.l2p_lambda))
+        elif name == "lfpt5":
+            from petmix.methods.baselines import PseudoSampleReplay
+
+            cfg = trainer.cfg
+            hooks.append(PseudoSampleReplay(trainer.out, cfg.buffer_per_batch, cfg.seed))
         else:
             raise ValueError(f"unknown hook {name!r}")
     return hooks

@@ -8,6 +8,14 @@
   The online variant (Schwarz et al., 2018) keeps one anchor and ``F = gamma F_old + F_new``.
 - Replay: one LoRA trained in sequence, with real examples of earlier tasks kept in a buffer and mixed
   into every batch. Unlike SAPT's ARM it keeps real data: it is a different setting, said in its outputs.
+- LwF (Li and Hoiem, ECCV 2016): before task t trains, the model as it is (after task t-1) answers the
+  new task's training inputs; its temperature-scaled output distributions over the answer tokens
+  (top-k kept) become soft targets: ``alpha * T^2 * KL(teacher || student)`` is added to the loss.
+- L2P (Wang et al., CVPR 2022): the key-query matching loss ``lambda * sum_selected (1 - cos(q, k))``.
+- LFPT5 (Qin and Joty, ICLR 2022): after each task, pseudo-inputs from a per-task generator are labelled
+  by the model just trained on that task; these generated (input, label) pairs are replayed like a
+  buffer. (LFPT5 trains one prompt to both solve and generate; petmix uses the separate generator it
+  shares with SAPT's ARM, so that no real example of an earlier task is kept.)
 """
 
 from __future__ import annotations
@@ -20,7 +28,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from safetensors.torch import load_file
 
-from petmix.data.collate import training_batch
+from petmix.data.collate import IGNORE, training_batch
+from petmix.data.task import Example
 from petmix.methods.base import StageHook
 from petmix.runs import read_json, save_tensors, write_json
 
@@ -165,3 +174,156 @@ class ExperienceReplay(StageHook):
             return []
         start = micro_batch * self.per_batch  # deterministic cycling: a resumed run sees the same batches
         return [buffer[(start + k) % len(buffer)] for k in range(self.per_batch)]
+
+
+def answer_positions(logits: torch.Tensor, labels: torch.Tensor, seq2seq: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits that predict answer tokens ``[B, S, V]`` and the mask ``[B, S]`` of those positions."""
+    if not seq2seq:  # a decoder's logits at position p predict the token at p + 1
+        logits, labels = logits[:, :-1], labels[:, 1:]
+    return logits, labels != IGNORE
+
+
+def distillation_loss(student: torch.Tensor, teacher_ids: torch.Tensor, teacher_probs: torch.Tensor,
+                      temperature: float) -> torch.Tensor:
+    """Mean over positions of ``-sum_k p_teacher,k log softmax(student / T)[id_k]`` (KL up to a constant)."""
+    logp = torch.log_softmax(student.float() / temperature, dim=-1)
+    return -(teacher_probs.float() * logp.gather(-1, teacher_ids.long())).sum(-1).mean()
+
+
+class LearningWithoutForgetting(StageHook):
+    name = "lwf"
+
+    def __init__(self, run_dir: Path, alpha: float, temperature: float, topk: int):
+        self.dir = Path(run_dir)
+        self.alpha, self.temperature, self.topk = alpha, temperature, topk
+        self.ids: list[torch.Tensor] = []  # per training example: [answer positions, k] teacher token ids
+        self.probs: list[torch.Tensor] = []
+
+    def _path(self, stage: int) -> Path:
+        return self.dir / "lwf" / f"teacher-stage-{stage + 1}.safetensors"
+
+    def prepare_stage(self, trainer: Trainer, stage: int) -> None:
+        self.ids, self.probs = [], []
+        trainer.mix.keep_logits = stage > 0
+        if stage == 0:
+            return
+        path = self._path(stage)
+        if not path.is_file():  # a resumed stage reads the teacher it started with, never the half-trained model
+            ids, probs = self.teacher_outputs(trainer, stage)
+            if trainer.main:
+                offsets = torch.tensor([0] + [len(x) for x in ids]).cumsum(0)
+                save_tensors(path, {"ids": torch.cat(ids).int(), "probs": torch.cat(probs).half(), "offsets": offsets})
+            trainer.accelerator.wait_for_everyone()
+        saved = load_file(path)
+        off = saved["offsets"].tolist()
+        self.ids = [saved["ids"][a:b] for a, b in zip(off[:-1], off[1:])]
+        self.probs = [saved["probs"][a:b] for a, b in zip(off[:-1], off[1:])]
+
+    @torch.no_grad()
+    def teacher_outputs(self, trainer: Trainer, stage: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """The current model's top-k answer-token distributions on the stage's training examples."""
+        task = trainer.tasks[stage]
+        examples = trainer.splits[task.name][0]
+        prompts, answers = trainer.encode(examples, [task], [0] * len(examples))
+        mix, bs = trainer.mix, trainer.cfg.eval_batch_size
+        ids, probs = [], []
+        was_training = mix.training
+        mix.eval()
+        for start in range(0, len(examples), bs):
+            batch = training_batch(trainer.backbone.tokenizer, prompts[start:start + bs], answers[start:start + bs],
+                                   trainer.backbone.is_seq2seq)
+            batch = {k: v.to(trainer.accelerator.device) for k, v in batch.items()}
+            with trainer.accelerator.autocast():
+                mix(batch)
+            logits, mask = answer_positions(mix.last_logits, mix.last_labels, trainer.backbone.is_seq2seq)
+            for r in range(logits.shape[0]):
+                p = torch.softmax(logits[r][mask[r]].float() / self.temperature, dim=-1)
+                top = p.topk(min(self.topk, p.shape[-1]), dim=-1)
+                ids.append(top.indices.cpu())
+                probs.append((top.values / top.values.sum(-1, keepdim=True)).cpu())
+        mix.train(was_training)
+        return ids, probs
+
+    def loss(self, trainer: Trainer, micro_batch: int) -> torch.Tensor | None:
+        if not self.ids:
+            return None
+        mix = trainer.mix
+        logits, mask = answer_positions(mix.last_logits, mix.last_labels, trainer.backbone.is_seq2seq)
+        total = None
+        for r, i in enumerate(trainer.step_indices):
+            student = logits[r][mask[r]]
+            n = min(len(student), len(self.ids[i]))
+            term = distillation_loss(student[:n], self.ids[i][:n].to(student.device),
+                                     self.probs[i][:n].to(student.device), self.temperature)
+            total = term if total is None else total + term
+        if total is None:
+            return None
+        return self.alpha * self.temperature ** 2 * total / len(trainer.step_indices)
+
+    def after_stage(self, trainer: Trainer, stage: int) -> dict[str, Any]:
+        trainer.mix.keep_logits = False
+        return {}
+
+
+class KeyMatching(StageHook):
+    """L2P's surrogate loss that pulls the selected keys toward the queries that selected them."""
+
+    name = "key_match"
+
+    def __init__(self, lam: float):
+        self.lam = lam
+
+    def loss(self, trainer: Trainer, micro_batch: int) -> torch.Tensor | None:
+        match = trainer.mix.router.last_match_loss
+        return None if match is None or self.lam <= 0 else self.lam * match
+
+    def after_stage(self, trainer: Trainer, stage: int) -> dict[str, Any]:
+        return {"key_query": "top-k prompts by key-query matching (no task id)"}
+
+
+class PseudoSampleReplay(ExperienceReplay):
+    """LFPT5's replay: generated inputs of each finished task, labelled by the model after that task."""
+
+    name = "lfpt5"
+
+    def __init__(self, run_dir: Path, per_batch: int, seed: int):
+        super().__init__(run_dir, 0, per_batch, seed)
+        self.path = Path(run_dir) / "lfpt5_pseudo_samples.json"
+        self.kept = {}
+        if self.path.is_file():
+            self.kept = {int(k): [tuple(x) for x in v["ids"]] for k, v in read_json(self.path).items()}
+
+    def after_stage(self, trainer: Trainer, stage: int) -> dict[str, Any]:
+        if stage == len(trainer.tasks) - 1:
+            return {"replay": "generated pseudo-samples (LFPT5)"}
+        info = self._make(trainer, stage) if trainer.main else {}
+        trainer.accelerator.wait_for_everyone()
+        if not trainer.main:
+            self.kept = {int(k): [tuple(x) for x in v["ids"]] for k, v in read_json(self.path).items()}
+        return info
+
+    def _make(self, trainer: Trainer, stage: int) -> dict[str, Any]:
+        import time
+
+        from petmix.data.templates import format_prompt
+        from petmix.evaluate import generate
+        from petmix.replay.generator import generate_pseudo_inputs
+
+        cfg, task = trainer.cfg, trainer.tasks[stage]
+        started = time.time()
+        inputs, details = generate_pseudo_inputs(cfg.model, task, cfg.generator_config(), n_train=len(task.train))
+        with trainer.accelerator.autocast():
+            labels, _ = generate(trainer.backbone, [format_prompt(task, x) for x in inputs], cfg.generation(),
+                                 trainer.mix.prepare_fn(), desc=f"label pseudo-inputs of {task.name}")
+        trainer.mix.clear_weights()
+        pairs = [(x, y) for x, y in zip(inputs, labels) if y.strip()]
+        examples = [Example(x, [y]) for x, y in pairs]
+        prompts, answers = trainer.encode(examples, [task], [0] * len(examples)) if examples else ([], [])
+        self.kept[stage] = list(zip(prompts, answers))
+        saved = read_json(self.path) if self.path.is_file() else {}
+        saved[str(stage)] = {"task": task.name, "samples": [{"input": x, "label": y} for x, y in pairs],
+                             "ids": [list(p) for p in self.kept[stage]], "generator": details}
+        write_json(self.path, saved)
+        log.info("LFPT5: %d pseudo-samples for %s in %.1f s", len(pairs), task.name, time.time() - started)
+        return {"replay": "generated pseudo-samples (LFPT5)", "pseudo_samples": len(pairs),
+                "replay_s": round(time.time() - started, 1)}
