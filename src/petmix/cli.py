@@ -1,7 +1,8 @@
 """petmix: continual and multi-task learning of language models with parameter-efficient tuning.
 
 Commands: train (a task stream with a method), compare (several methods, one table), eval (zero-shot),
-report (matrix, metrics, heatmaps of a run), predict (answer with a trained run). See README.md.
+report (matrix, metrics, heatmaps of a run), predict (answer with a trained run), sources (train and
+list a library of source prompts for ATTEMPT and SPoT). See README.md.
 """
 
 from __future__ import annotations
@@ -95,9 +96,22 @@ def _print_scores(names: list[str], payload: dict[str, Any]) -> None:
     print("  ".join(f"{k}={'-' if v is None else f'{v:.2f}'}" for k, v in metrics.items()))
 
 
-TRAIN_FLAGS: list[tuple[str, type, str]] = [
-    ("--method", str, "sapt-lora (default), sapt-prompt, seq-lora, inc-lora, per-task-lora, mtl-lora, "
-                      "seq-prompt, per-task-prompt, mtl-prompt, o-lora, ewc, replay"),
+def _bool(text: str) -> bool:
+    if text.lower() in ("1", "true", "yes", "on"):
+        return True
+    if text.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, not {text!r}")
+
+
+def _method_help() -> str:
+    from petmix.methods import METHODS
+
+    return "one of: " + ", ".join(METHODS) + " (default sapt-lora)"
+
+
+TRAIN_FLAGS: list[tuple[str, Any, str]] = [
+    ("--method", str, "see `petmix methods`"),
     ("--model", str, "local model folder or packaged alias (default smollm2-135m)"),
     ("--data", str, "folder of tasks (e.g. ../shared/data/CL_Benchmark); not needed for bigbench: tasks"),
     ("--tasks", str, "comma-separated task names or folders, in stream order"),
@@ -118,7 +132,8 @@ TRAIN_FLAGS: list[tuple[str, type, str]] = [
     ("--router-hidden", int, "hidden size of the router's query projection"),
     ("--router-lr", float, "learning rate of the router (default: --lr)"),
     ("--prompt-length", int, "prompt methods: soft prompt tokens per block"),
-    ("--prompt-init", str, "prompt methods: vocab (random vocabulary embeddings) or a saved prompt .safetensors"),
+    ("--prompt-init", str, "prompt methods: vocab (random vocabulary embeddings), a saved prompt .safetensors, "
+                           "or the task name of a source prompt (with --sources)"),
     ("--kl-ratio", float, "SAPT's attentive reflection weight (0 switches ARM off)"),
     ("--replay-source", str, "ARM pseudo-inputs: generated (SAPT) or real (oracle: real stored inputs)"),
     ("--replay-batch-size", int, "pseudo-inputs per earlier task per reflection step"),
@@ -127,8 +142,22 @@ TRAIN_FLAGS: list[tuple[str, type, str]] = [
     ("--olora-lambda1", float, "o-lora: weight of the orthogonality loss"),
     ("--olora-lambda2", float, "o-lora: weight of the L2 loss on the new block"),
     ("--ewc-lambda", float, "ewc: penalty weight"),
+    ("--ewc-online", _bool, "ewc: online EWC (one anchor, decayed sum of Fisher terms): true/false"),
     ("--buffer-per-task", int, "replay: real examples kept per finished task"),
-    ("--buffer-per-batch", int, "replay: buffer examples added to every micro-batch"),
+    ("--buffer-per-batch", int, "replay, lfpt5: buffer (pseudo-)examples added to every micro-batch"),
+    ("--unfreeze", str, "seq-ft, full-ft: all (default), last:N (top N layers, final norm, head) or a name regex"),
+    ("--lwf-alpha", float, "lwf: weight of the distillation term"),
+    ("--lwf-temperature", float, "lwf: distillation temperature"),
+    ("--l2p-pool-size", int, "l2p: prompts in the shared pool"),
+    ("--l2p-top-k", int, "l2p: prompts selected per input"),
+    ("--l2p-lambda", float, "l2p: weight of the key-query matching loss"),
+    ("--sources", str, "attempt, attempt-m, spot: comma-separated source-prompt libraries or .safetensors files"),
+    ("--prompt-depth", str, "prompt methods: shallow or deep (a prompt at every layer); default the method's"),
+    ("--prompt-encoder", str, "prompt methods: none, mlp or lstm reparameterisation; default the method's"),
+    ("--prompt-encoder-hidden", int, "hidden width of the prompt encoder"),
+    ("--attempt-token-level", _bool, "attempt: score each prompt token instead of the max-pooled prompt: true/false"),
+    ("--attempt-train-layer-norm", _bool, "attempt: train G's LayerNorm (default true)"),
+    ("--spot-probe-steps", int, "spot: steps of the probe prompt that picks the source"),
     ("--eval-scope", str, "seen (tasks so far, default) or all (every task after every stage)"),
     ("--eval-batch-size", int, "generation batch size"),
     ("--max-new-tokens", int, "generation length cap"),
@@ -154,7 +183,7 @@ def _train_config(args: argparse.Namespace):
         if not isinstance(loaded, dict):
             raise PetmixError(f"{path}: expected a mapping of settings at the top level")
         values.update({k.replace("-", "_"): v for k, v in loaded.items()})
-    skip = {"func", "command", "config", "out", "verbose", "methods"}
+    skip = {"func", "command", "config", "out", "verbose", "methods", "sources_command"}
     values.update({k: v for k, v in vars(args).items() if k not in skip})  # flags override the file
     source = args.config or "command line"
     return TrainConfig.from_dict(values, source)
@@ -205,6 +234,54 @@ def cmd_compare(args: argparse.Namespace) -> int:
     rows = run_comparison(entries, base, tasks, out)
     print(markdown_table(rows))
     print(f"wrote {out / 'table.md'}, {out / 'table.csv'}, {out / 'matrices.png'}")
+    return 0
+
+
+def cmd_sources_train(args: argparse.Namespace) -> int:
+    import shutil
+
+    from petmix.data.loaders import load_tasks
+    from petmix.data.streams import resolve_stream
+    from petmix.runs import read_json, setup_logging
+    from petmix.sources import library_table, write_library
+    from petmix.train import Trainer
+
+    out = Path(args.out)
+    setup_logging(out, args.verbose)
+    cfg = _train_config(args)
+    cfg.method = "prompt-tuning"  # source prompts are shallow prompt-tuning prompts (DESIGN.md section 2)
+    specs = cfg.tasks or resolve_stream(cfg.stream or "attempt-sources")
+    tasks = load_tasks(specs, cfg.data, max_train=cfg.max_train, max_test=cfg.max_test, seed=cfg.seed)
+    Trainer(cfg, tasks, out / "run").run()
+    entries = []
+    for task in tasks:
+        src = out / "run" / "prompts" / f"{task.name}.safetensors"
+        shutil.copyfile(src, out / src.name)
+        shutil.copyfile(src.with_suffix(".json"), out / f"{task.name}.json")
+        meta = read_json(out / f"{task.name}.json")
+        entries.append({"file": src.name, **{k: meta.get(k) for k in ("task", "metric", "score", "length", "backbone",
+                                                                          "backbone_path", "steps")}})
+    write_library(out, entries)
+    print(library_table(out))
+    print(f"wrote {out / 'index.json'}: use it with --sources {out}")
+    return 0
+
+
+def cmd_sources_list(args: argparse.Namespace) -> int:
+    from petmix.sources import library_table
+
+    print(library_table(args.library))
+    return 0
+
+
+def cmd_methods(args: argparse.Namespace) -> int:
+    from petmix.methods import METHODS
+
+    width = max(len(n) for n in METHODS)
+    for name, m in METHODS.items():
+        extra = " [task id at test]" if m.task_id_at_test and not m.independent else ""
+        extra += " [single-task]" if m.independent else ""
+        print(f"{name:<{width}}  {m.summary}{extra}" + (f"  ({m.paper})" if m.paper else ""))
     return 0
 
 
@@ -280,6 +357,19 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train_flags(p, with_method=False)
     p.add_argument("--out", required=True, help="comparison directory (one run directory per entry)")
     p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser("sources", help="source prompts for ATTEMPT and SPoT: train a library, list one")
+    ssub = p.add_subparsers(dest="sources_command", required=True)
+    q = ssub.add_parser("train", help="prompt-tune each source task; write DIR/<task>.safetensors and DIR/index.json")
+    _add_train_flags(q, with_method=False)
+    q.add_argument("--out", required=True, help="library folder (the training run goes to DIR/run, resumable)")
+    q.set_defaults(func=cmd_sources_train)
+    q = ssub.add_parser("list", help="the prompts of a library with their tasks and scores")
+    q.add_argument("library")
+    q.set_defaults(func=cmd_sources_list)
+
+    p = sub.add_parser("methods", help="list the methods with what they do and their papers")
+    p.set_defaults(func=cmd_methods)
 
     p = sub.add_parser("report", help="print a run's matrix and metrics; write matrix.png and router.png")
     p.add_argument("run")

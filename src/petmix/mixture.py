@@ -5,7 +5,9 @@ Routing rules:
 - ``sum``: every block with weight 1 (IncLoRA, and single-block methods such as SeqLoRA);
 - ``task``: the true task's block only (PerTask references: the task id is given);
 - ``progressive``: blocks 1..t of task t, concatenated (Progressive Prompts: the task id is given);
-- ``key-query``: L2P's top-k selection from a shared pool by key-query matching (no task id).
+- ``key-query``: L2P's top-k selection from a shared pool by key-query matching (no task id);
+- ``attempt``: ATTEMPT's instance prompt ``P_target + sum_j a_j P_j`` over frozen source prompts and
+  the task's target prompt (the task id picks the target prompt).
 """
 
 from __future__ import annotations
@@ -21,17 +23,18 @@ from petmix.blocks.bitfit import BitFitPool
 from petmix.blocks.full import BackbonePool, FullConfig
 from petmix.blocks.lora import LoRAConfig, LoRAPool
 from petmix.blocks.prompt import PromptConfig, PromptPool
-from petmix.router import KeyQueryRouter, SharedAttentionRouter
+from petmix.router import AttemptAttention, KeyQueryRouter, SharedAttentionRouter
 
 BlockConfig = LoRAConfig | PromptConfig | FullConfig | str  # "bitfit"
 
-ROUTINGS = ("attention", "sum", "task", "progressive", "key-query")
-TASK_ID_ROUTINGS = ("task", "progressive")
+ROUTINGS = ("attention", "sum", "task", "progressive", "key-query", "attempt")
+TASK_ID_ROUTINGS = ("task", "progressive", "attempt")
 
 
 class Mixture(nn.Module):
     def __init__(self, backbone: Backbone, blocks: BlockConfig, routing: str = "attention",
-                 router_hidden: int = 100, seed: int = 0, top_k: int = 5, pool_size: int = 10):
+                 router_hidden: int = 100, seed: int = 0, top_k: int = 5, pool_size: int = 10,
+                 train_layer_norm: bool = True, token_level: bool = False):
         super().__init__()
         self.pool_size = pool_size  # key-query routing (L2P): prompts in the shared pool
         if routing not in ROUTINGS:
@@ -42,6 +45,7 @@ class Mixture(nn.Module):
         if isinstance(blocks, PromptConfig):
             self.pool = PromptPool(backbone, blocks, seed)
             self.prompts = self.pool.prompts  # registered here: prompts live outside the backbone
+            self.prompt_encoders = self.pool.encoders
         elif isinstance(blocks, FullConfig):
             self.pool = BackbonePool(backbone.model, blocks)
         elif blocks == "bitfit":
@@ -49,15 +53,20 @@ class Mixture(nn.Module):
         else:
             self.pool = LoRAPool(backbone.model, blocks, backbone.family)  # layers live inside it
         self.routing = routing
-        self.router: SharedAttentionRouter | KeyQueryRouter | None = None
+        self.router: SharedAttentionRouter | KeyQueryRouter | AttemptAttention | None = None
         if routing == "attention":
             self.router = SharedAttentionRouter(backbone.hidden_size, router_hidden)
         elif routing == "key-query":
             self.router = KeyQueryRouter(backbone.hidden_size, top_k)
+        elif routing == "attempt":
+            if not isinstance(self.pool, PromptPool):
+                raise ValueError("attempt routing needs prompt blocks")
+            self.router = AttemptAttention(backbone.hidden_size, router_hidden, train_layer_norm, token_level)
         if self.router is not None:
             self.router.to(backbone.device)
 
     keep_logits = False
+    last_attention: torch.Tensor | None = None
     last_logits: torch.Tensor | None = None
     last_labels: torch.Tensor | None = None
 
@@ -65,15 +74,25 @@ class Mixture(nn.Module):
     def num_blocks(self) -> int:
         return self.pool.num_blocks
 
+    @property
+    def num_sources(self) -> int:
+        """Frozen source prompts at the front of the pool (ATTEMPT); 0 otherwise."""
+        return getattr(self.pool, "num_sources", 0)
+
     def add_task(self) -> int:
         """A new block (and, with attention routing, its key). Returns the block index."""
         i = self.pool.add_block()
-        if self.router is not None:
+        if isinstance(self.router, (SharedAttentionRouter, KeyQueryRouter)):
             self.router.add_key()
         return i
 
-    def weights_for(self, input_ids: torch.Tensor, source_mask: torch.Tensor, task_index: int | None = None) -> torch.Tensor:
+    def weights_for(self, input_ids: torch.Tensor, source_mask: torch.Tensor,
+                    task_index: int | torch.Tensor | None = None) -> torch.Tensor:
+        """Per-input block weights ``[B, n]`` (``[B, n, L]`` for token-level ATTEMPT). ``task_index`` is
+        one task for the batch or one per input (ATTEMPT-m's mixed batches)."""
         n, b = self.num_blocks, input_ids.shape[0]
+        if self.routing == "attempt":
+            return self._attempt_weights(input_ids, source_mask, task_index)
         if self.routing == "attention":
             assert isinstance(self.router, SharedAttentionRouter)
             return self.router(self.backbone.embed(input_ids), source_mask, n)
@@ -91,8 +110,33 @@ class Mixture(nn.Module):
             w[:, task_index] = 1.0
         return w
 
-    def forward(self, batch: dict[str, torch.Tensor], task_index: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Training loss on answer tokens, and the weights used."""
+    def _attempt_weights(self, input_ids: torch.Tensor, source_mask: torch.Tensor,
+                         task_index: int | torch.Tensor | None) -> torch.Tensor:
+        assert isinstance(self.router, AttemptAttention) and isinstance(self.pool, PromptPool)
+        if task_index is None:
+            raise ValueError("attempt routing needs the task index (it picks the target prompt)")
+        b, m = input_ids.shape[0], self.pool.num_sources
+        tasks = torch.as_tensor(task_index, device=input_ids.device).long().expand(b)
+        prompts = self.pool.input_prompts()  # [n, L, d]
+        a = self.router(self.backbone.embed(input_ids), source_mask, prompts[:m], prompts[m + tasks])
+        rows = torch.arange(b, device=input_ids.device)
+        w = a.new_zeros((b, self.num_blocks, *a.shape[2:]))
+        w[:, :m] = a[:, :m]
+        w[rows, m + tasks] = 1.0 + a[:, m]  # P_target + sum_j a_j P_j, j over the sources and the target
+        self.last_attention = w if w.dim() == 2 else w.mean(-1)
+        self.last_attention = self.last_attention.clone()
+        self.last_attention[rows, m + tasks] -= 1.0  # report the attention itself
+        return w
+
+    def reported_weights(self, weights: torch.Tensor) -> torch.Tensor:
+        """``[B, n]`` weights to record: ATTEMPT's attention a (not 1 + a), token-level ones averaged."""
+        return self.last_attention if self.routing == "attempt" else weights
+
+    def forward(self, batch: dict[str, torch.Tensor], task_index: int | torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Training loss on answer tokens, and the weights used (as ``reported_weights``)."""
+        if task_index is None and "task_ids" in batch:
+            task_index = batch["task_ids"]
         weights = self.weights_for(batch["input_ids"], batch["source_mask"], task_index)
         try:
             inputs = self.pool.model_inputs(batch, weights)
@@ -102,14 +146,14 @@ class Mixture(nn.Module):
         # Kept for hooks that need the outputs (LwF's distillation), dropped by the next forward.
         self.last_logits = out.logits if self.keep_logits else None
         self.last_labels = inputs.get("labels") if self.keep_logits else None
-        return out.loss, weights
+        return out.loss, self.reported_weights(weights)
 
     def prepare_fn(self, task_index: int | None = None) -> Callable[[dict[str, torch.Tensor]], tuple[dict[str, Any], torch.Tensor]]:
         """The generation hook: route each batch, keep its weights set for the whole generate call."""
 
         def prepare(batch: dict[str, torch.Tensor]) -> tuple[dict[str, Any], torch.Tensor]:
             weights = self.weights_for(batch["input_ids"], batch["source_mask"], task_index)
-            return self.pool.model_inputs(batch, weights), weights
+            return self.pool.model_inputs(batch, weights), self.reported_weights(weights)
 
         return prepare
 
@@ -127,7 +171,7 @@ class Mixture(nn.Module):
         self.pool.load_state_dict(state)
         if self.router is not None:
             n_keys = sum(1 for k in state if k.startswith("router.keys."))
-            while self.router.num_keys < n_keys:
+            while isinstance(self.router, (SharedAttentionRouter, KeyQueryRouter)) and self.router.num_keys < n_keys:
                 self.router.add_key()
             self.router.load_state_dict({k[len("router."):]: v for k, v in state.items() if k.startswith("router.")})
 

@@ -2,7 +2,9 @@
 
 The router heatmaps are SAPT's Figure 3: the mean weight each block receives on the inputs of each
 task, in the training phase (each task's own training inputs while it was learned) and in the test
-phase (every task's test inputs after the last stage).
+phase (every task's test inputs after the last stage). For ATTEMPT runs, ``attention.png`` shows the
+mean attention of each target task's test inputs over the source prompts and its own target prompt,
+the view ATTEMPT uses to show which source tasks a target task draws on.
 """
 
 from __future__ import annotations
@@ -54,6 +56,24 @@ def test_router_weights(run_dir: str | Path, results: dict[str, Any]) -> list[li
             return None
         n = len(weights[0])
         rows.append([sum(w[b] for w in weights) / len(weights) for b in range(n)])
+    return rows
+
+
+def source_attention(run_dir: str | Path, results: dict[str, Any]) -> list[list[float]] | None:
+    """ATTEMPT: mean attention per (target task, [sources..., own target]) over the task's test inputs."""
+    sources = results.get("sources") or []
+    if not sources:
+        return None
+    m, rows = len(sources), []
+    for t, task in enumerate(results["tasks"]):
+        path = Path(run_dir) / "predictions" / f"{task}.jsonl"
+        if not path.is_file():
+            return None
+        weights = [w for w in (json.loads(x).get("router_weights") for x in path.read_text().splitlines() if x) if w]
+        if not weights:
+            return None
+        cols = list(range(m)) + [m + t]
+        rows.append([sum(w[c] for w in weights) / len(weights) for c in cols])
     return rows
 
 
@@ -109,6 +129,19 @@ def write_heatmaps(run_dir: str | Path, results: dict[str, Any] | None = None) -
     fig.savefig(written[-1], dpi=130)
     plt.close(fig)
 
+    attention = source_attention(run_dir, results) if results.get("method", "").startswith("attempt") else None
+    if attention:
+        cols = [short(s) for s in results["sources"]] + ["own target"]
+        fig, ax = plt.subplots(figsize=(2.5 + 0.8 * len(cols), 1.5 + 0.5 * len(tasks)))
+        im = _heatmap(ax, attention, tasks, cols, f"{results['method']}: mean attention of each target task's test "
+                      "inputs", vmax=1)
+        fig.colorbar(im, ax=ax, fraction=0.046)
+        fig.tight_layout()
+        written.append(run_dir / "attention.png")
+        fig.savefig(written[-1], dpi=130)
+        plt.close(fig)
+        return written
+
     test_w = test_router_weights(run_dir, results)
     train_w = train_router_weights(results)
     panels = [(w, t) for w, t in [(train_w, "training phase: own training inputs"),
@@ -159,6 +192,15 @@ def render_report(run_dir: str | Path) -> str:
         parts.append(f"trainable parameters per task: {results['trainable_params_per_task']:,}")
     if results.get("wall_s") is not None:
         parts.append(f"wall time: {results['wall_s']:.0f} s")
+    if results.get("independent"):
+        parts.append("single-task method: each task is learned from the same start and scored by its own model "
+                     "(the diagonal); AP is their mean")
+    attention = source_attention(run_dir, results) if results.get("method", "").startswith("attempt") else None
+    if attention:
+        cols = list(results["sources"]) + ["own target"]
+        parts += ["", "mean attention over source prompts (test inputs):", "",
+                  "| task | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
+        parts += [f"| {t} | " + " | ".join(f"{v:.3f}" for v in row) + " |" for t, row in zip(results["tasks"], attention)]
     pseudo = pseudo_samples_table(run_dir)
     if pseudo:
         parts += ["", pseudo]

@@ -86,3 +86,55 @@ class KeyQueryRouter(nn.Module):
         top = cos.topk(k, dim=-1).indices
         self.last_match_loss = (1.0 - cos.gather(1, top)).sum(1).mean()
         return torch.zeros_like(cos).scatter_(1, top, 1.0)
+
+
+class AttemptAttention(nn.Module):
+    """ATTEMPT's attention module G (Asai et al., EMNLP 2022).
+
+    ``h = LayerNorm(W_up SiLU(W_down x))`` with ``x`` the max-pooled frozen input embeddings; each
+    prompt is summarised by max-pooling over its tokens; ``a = softmax_j(P_j . h / T)`` with
+    ``T = d * e``, over the source prompts and the task's own target prompt. With ``token_level``
+    each prompt token is scored on its own (``a[j, l] = softmax_j(P_j,l . h / T)``): the mixture can
+    differ from one prompt position to the next (an option beyond the paper).
+    """
+
+    def __init__(self, d_model: int, hidden: int = 100, train_layer_norm: bool = True, token_level: bool = False):
+        super().__init__()
+        self.down = nn.Linear(d_model, hidden, bias=False)
+        self.up = nn.Linear(hidden, d_model, bias=False)
+        self.norm = nn.LayerNorm(d_model)
+        self.temperature = d_model * math.e
+        self.train_layer_norm = train_layer_norm
+        self.token_level = token_level
+
+    def trainable(self) -> list[nn.Parameter]:
+        return [self.down.weight, self.up.weight] + (list(self.norm.parameters()) if self.train_layer_norm else [])
+
+    def reset(self, seed: int) -> None:
+        """Fresh weights (single-task ATTEMPT learns one G per target task)."""
+        g = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for lin in (self.down, self.up):
+                bound = 1.0 / math.sqrt(lin.in_features)  # nn.Linear's default uniform range
+                lin.weight.copy_(torch.empty(lin.weight.shape).uniform_(-bound, bound, generator=g))
+            self.norm.reset_parameters()
+
+    def hidden(self, embeds: torch.Tensor, source_mask: torch.Tensor) -> torch.Tensor:
+        x = masked_max_pool(embeds.float(), source_mask)
+        return self.norm(self.up(torch.nn.functional.silu(self.down(x.to(self.down.weight.dtype)))))
+
+    def forward(self, embeds: torch.Tensor, source_mask: torch.Tensor, sources: torch.Tensor,
+                targets: torch.Tensor) -> torch.Tensor:
+        """Attention over ``[sources..., own target]``: ``[B, m+1]`` (or ``[B, m+1, L]`` token-level).
+
+        ``sources [m, L, d]`` are shared; ``targets [B, L, d]`` is each input's own target prompt.
+        """
+        h = self.hidden(embeds, source_mask).float()
+        sources, targets = sources.float(), targets.float()
+        if self.token_level:
+            src = torch.einsum("bd,mld->bml", h, sources)
+            tgt = torch.einsum("bd,bld->bl", h, targets).unsqueeze(1)
+        else:
+            src = h @ sources.max(dim=1).values.t()
+            tgt = (h * targets.max(dim=1).values).sum(-1, keepdim=True)
+        return torch.softmax(torch.cat([src, tgt], dim=1) / self.temperature, dim=1)

@@ -35,6 +35,7 @@ from petmix.methods.base import StageHook, make_hooks
 from petmix.metrics import cl_metrics, single_row_metrics
 from petmix.mixture import BlockConfig, Mixture
 from petmix.runs import read_json, save_tensors, write_json, write_jsonl
+from petmix.sources import export_prompt, find_source, resolve_sources
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +95,14 @@ class TrainConfig:
     l2p_pool_size: int = 10  # L2P: prompts in the shared pool (M)
     l2p_top_k: int = 5  # L2P: prompts selected per input (N)
     l2p_lambda: float = 0.1  # L2P: weight of the key-query matching loss
+    # Source-prompt transfer (ATTEMPT, SPoT) and prompt variants (petmix.blocks.prompt)
+    sources: list[str] = field(default_factory=list)  # library folders and/or prompt files
+    prompt_depth: str | None = None  # "shallow" | "deep"; default: the method's
+    prompt_encoder: str | None = None  # "none" | "mlp" | "lstm"; default: the method's
+    prompt_encoder_hidden: int = 512
+    attempt_token_level: bool = False  # ATTEMPT: score each prompt token, not the max-pooled prompt
+    attempt_train_layer_norm: bool = True  # ATTEMPT: train G's LayerNorm (the reference code leaves it frozen)
+    spot_probe_steps: int = 10  # SPoT: steps of the probe prompt that picks the source
 
     @classmethod
     def from_dict(cls, values: dict[str, Any], source: str = "config") -> TrainConfig:
@@ -104,6 +113,8 @@ class TrainConfig:
             raise PetmixError(f"{source}: unknown keys {unknown} (known: {sorted(known)})")
         if isinstance(values.get("tasks"), str):
             values["tasks"] = [t.strip() for t in values["tasks"].split(",") if t.strip()]
+        if isinstance(values.get("sources"), str):
+            values["sources"] = [t.strip() for t in values["sources"].split(",") if t.strip()]
         if isinstance(values.get("target_modules"), str):
             values["target_modules"] = [t.strip() for t in values["target_modules"].split(",") if t.strip()]
         cfg = cls(**values)
@@ -126,6 +137,10 @@ class TrainConfig:
             (0 < self.heldout_fraction < 1, "heldout_fraction must lie in (0, 1)"),
             (1 <= self.l2p_top_k <= self.l2p_pool_size, "l2p_top_k must lie in 1..l2p_pool_size"),
             (self.lwf_temperature > 0 and self.lwf_topk >= 1, "lwf_temperature must be > 0 and lwf_topk >= 1"),
+            (self.prompt_depth in (None, "shallow", "deep"), "prompt_depth must be 'shallow' or 'deep'"),
+            (self.prompt_encoder in (None, "none", "mlp", "lstm"), "prompt_encoder must be none, mlp or lstm"),
+            (self.method not in ("attempt", "attempt-m", "spot") or bool(self.sources),
+             f"method {self.method} needs source prompts: set sources (see `petmix sources train`)"),
         ]
         for ok, problem in checks:
             if not ok:
@@ -149,9 +164,14 @@ def stages_wall_seconds(stages: list[dict[str, Any]]) -> float:
     return round(sum(s.get("train_s", 0) + s.get("replay_s", 0) + s.get("eval_s", 0) for s in stages), 1)
 
 
-def block_config(cfg: TrainConfig, method: Method) -> BlockConfig:
+def block_config(cfg: TrainConfig, method: Method, sources: list[Path] | None = None) -> BlockConfig:
     if method.block == "prompt":
-        return PromptConfig(cfg.prompt_length, cfg.prompt_init, combine=method.combine)
+        init = cfg.prompt_init
+        if init != "vocab" and not Path(init).is_file() and sources:
+            init = str(find_source(init, sources))  # a source prompt named by its task
+        return PromptConfig(cfg.prompt_length, init, combine=method.combine, depth=cfg.prompt_depth or method.depth,
+                            encoder=cfg.prompt_encoder or method.encoder, encoder_hidden=cfg.prompt_encoder_hidden,
+                            sources=[str(p) for p in sources or []] if method.routing == "attempt" else [])
     if method.block == "full":
         return FullConfig(cfg.unfreeze)
     if method.block == "bitfit":
@@ -182,9 +202,12 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         self.backbone = backbone or load_backbone(cfg.model)
         self.backbone.model.to(self.accelerator.device)
-        self.mix = Mixture(self.backbone, block_config(cfg, self.method), self.method.routing, cfg.router_hidden, cfg.seed,
-                           top_k=cfg.l2p_top_k, pool_size=cfg.l2p_pool_size)
+        self.sources = resolve_sources(cfg.sources) if cfg.sources else []
+        self.mix = Mixture(self.backbone, block_config(cfg, self.method, self.sources), self.method.routing,
+                           cfg.router_hidden, cfg.seed, top_k=cfg.l2p_top_k, pool_size=cfg.l2p_pool_size,
+                           train_layer_norm=cfg.attempt_train_layer_norm, token_level=cfg.attempt_token_level)
         self.trainable_count = 0  # parameters the latest stage trained (reported per task)
+        self.stages_info: dict[int, dict[str, Any] | None] = {}
         # The micro-batch being trained on, for hooks whose loss needs it (LwF).
         self.step_indices: list[int] = []
         self.step_batch: dict[str, torch.Tensor] = {}
@@ -293,7 +316,7 @@ class Trainer:
         prompt_ids, answer_ids = self.encode(examples, stage_tasks, owners)
 
         if resume is None:
-            trainable = self.method.begin_task(self.mix, stage)
+            trainable = self.method.begin_task(self.mix, stage, len(stage_tasks))
         else:  # blocks already restored from the checkpoint: only re-select what trains
             trainable = self.method.select_trainable(self.mix)
         self.trainable_count = sum(p.numel() for p in trainable)
@@ -332,6 +355,8 @@ class Trainer:
             pairs += [p for hook in self.hooks for p in hook.extra_examples(done_batches)][self.rank::self.world]
             batch = training_batch(self.backbone.tokenizer, [p for p, _ in pairs], [a for _, a in pairs],
                                    self.backbone.is_seq2seq)
+            if self.method.joint and self.method.routing == "attempt":  # each input's task picks its target prompt
+                batch["task_ids"] = torch.tensor([owners[i] for i in idx])
             batch = {k: v.to(acc.device) for k, v in batch.items()}
             self.step_indices, self.step_batch = idx, batch
             with acc.autocast():
@@ -401,15 +426,18 @@ class Trainer:
 
     # ---- evaluation --------------------------------------------------------------------------
     def _evaluate(self, stage: int) -> dict[str, dict[str, Any]]:
-        if self.method.joint or self.cfg.eval_scope == "all":
-            tasks = list(self.tasks)
+        if self.method.independent:  # single-task methods: the model of stage t knows task t only
+            indexed = [(stage, self.tasks[stage])]
+        elif self.method.joint or self.cfg.eval_scope == "all":
+            indexed = list(enumerate(self.tasks))
         else:
-            tasks = self.tasks[: stage + 1]
+            indexed = list(enumerate(self.tasks[: stage + 1]))
+        tasks = [t for _, t in indexed]
         gen = self.cfg.generation()
         with self.accelerator.autocast():
             if self.method.task_id_at_test:
                 results = {}
-                for j, task in enumerate(tasks):
+                for j, task in indexed:
                     results.update(evaluate_tasks(self.backbone, [task], gen, self.mix.prepare_fn(j),
                                                   desc=f"eval {task.name}"))
             else:
@@ -422,6 +450,8 @@ class Trainer:
         matrix = [[r["scores"].get(n) for n in names] for r in rows]
         if self.method.joint:
             metrics = single_row_metrics(matrix[-1])
+        elif self.method.independent:  # one model per task: its score is the diagonal
+            metrics = single_row_metrics([matrix[i][i] if i < len(matrix) else None for i in range(len(names))])
         else:
             metrics = cl_metrics(matrix, self.single_task)
         per_task = {t.name: {"metric": t.metric, "benchmark": t.benchmark, "template": t.template,
@@ -442,6 +472,8 @@ class Trainer:
             "stage_names": [r["name"] for r in rows],
             "stages": [{k: v for k, v in r.items() if k != "scores"} for r in rows],
             "trainable_params_per_task": trainable,
+            "independent": self.method.independent,
+            "sources": getattr(self.mix.pool, "source_names", None) or [p.stem for p in self.sources] or None,
             "model": self.backbone.describe(),
             "wall_s": stages_wall_seconds(rows),
         }
@@ -490,6 +522,7 @@ class Trainer:
             write_jsonl(self.out / "predictions" / f"stage-{stage + 1}" / f"{name}.jsonl", res["records"])
         save_tensors(self.out / "checkpoints" / f"stage-{stage + 1}.safetensors", self.mix.adapter_state())
         stage_name = "joint" if self.method.joint else self.stages[stage][0].name
+        self.stages_info[stage] = info
         info = info or {"train_s": 0.0, "steps": None, "mean_loss": None, "train_router_weights": None}
         rows.append({"name": stage_name, **info, "eval_s": eval_s,
                      "scores": {n: r["score"] for n, r in results.items()}})
@@ -497,4 +530,23 @@ class Trainer:
         self._write_results(rows)
         for name, res in results.items():  # the latest stage's predictions, where users look first
             write_jsonl(self.out / "predictions" / f"{name}.jsonl", res["records"])
+        self._export_prompts(stage, results)
+
+    def _export_prompts(self, stage: int, results: dict[str, dict[str, Any]]) -> None:
+        """Per-task prompt blocks become reusable prompts: prompts/<task>.safetensors + .json."""
+        pool = self.mix.pool
+        if self.method.block != "prompt" or self.method.routing not in ("task", "attempt", "progressive"):
+            return
+        stage_tasks = self.stages[stage] if self.method.joint else [self.tasks[stage]]
+        first = self.mix.num_sources + (0 if self.method.joint else stage)
+        for k, task in enumerate(stage_tasks):
+            prompt = pool.export(first + k)
+            res = results.get(task.name, {})
+            export_prompt(self.out / "prompts" / f"{task.name}.safetensors", prompt, {
+                "task": task.name, "method": self.method.name, "backbone": self.backbone.describe()["name"],
+                "backbone_path": self.backbone.path, "length": int(prompt.shape[-2]),
+                "depth": int(prompt.shape[0]) if prompt.dim() == 3 else 1,
+                "metric": res.get("metric"), "score": res.get("score"), "stage": stage + 1,
+                "steps": (self.stages_info.get(stage) or {}).get("steps"),
+                "note": "ATTEMPT target prompt: used with its sources and G" if self.method.routing == "attempt" else ""})
 

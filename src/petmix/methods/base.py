@@ -9,9 +9,10 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from petmix.blocks.full import BackbonePool
 from petmix.errors import PetmixError
 from petmix.mixture import TASK_ID_ROUTINGS, Mixture
-from petmix.router import SharedAttentionRouter
+from petmix.router import AttemptAttention, SharedAttentionRouter
 
 if TYPE_CHECKING:
     from petmix.train import Trainer
@@ -50,20 +51,32 @@ class Method:
     block: str = "lora"          # "lora" | "prompt" | "full" | "bitfit" (see petmix.blocks)
     hooks: tuple[str, ...] = ()  # extra losses and between-task work (see make_hooks)
     combine: str = "sum"         # prompt blocks: "sum" (weighted) or "concat" (selected prompts in a row)
+    independent: bool = False    # single-task PET: every task learned from the same start, scored alone
+    depth: str = "shallow"       # prompt blocks: "shallow" or "deep" (a prompt at every layer)
+    encoder: str = "none"        # prompt blocks: reparameterisation "none" | "mlp" | "lstm"
     summary: str = ""
     paper: str = ""
 
     @property
     def task_id_at_test(self) -> bool:
-        return self.routing in TASK_ID_ROUTINGS
+        return self.routing in TASK_ID_ROUTINGS or self.independent
 
-    def begin_task(self, mix: Mixture, task_index: int) -> list[nn.Parameter]:
-        """Add this task's block (if the method does), freeze everything else, return what trains."""
+    def begin_task(self, mix: Mixture, task_index: int, n_tasks: int = 1) -> list[nn.Parameter]:
+        """Add this task's block (if the method does), freeze everything else, return what trains.
+        ``n_tasks``: tasks in the stage (a joint stage of ATTEMPT-m gets one target prompt per task)."""
+        trained = mix.num_blocks - mix.num_sources
         if self.routing == "key-query":  # L2P: the whole pool exists from the start and is shared
             while mix.num_blocks < mix.pool_size:
                 mix.add_task()
-        elif self.new_block_per_task or mix.num_blocks == 0:
+        elif self.joint and self.routing == "attempt":
+            while mix.num_blocks - mix.num_sources < n_tasks:
+                mix.add_task()
+        elif self.new_block_per_task or trained == 0:
             mix.add_task()
+        elif self.independent and isinstance(mix.pool, BackbonePool):
+            mix.pool.reset()  # full-ft, bitfit: each task starts from the pretrained weights
+        if self.independent and isinstance(mix.router, AttemptAttention):
+            mix.router.reset(seed=1000 + task_index)  # single-task ATTEMPT: one G per target task
         return self.select_trainable(mix)
 
     def select_trainable(self, mix: Mixture) -> list[nn.Parameter]:
@@ -74,6 +87,11 @@ class Method:
             assert mix.router is not None
             trainable = [p for i in range(mix.num_blocks) for p in mix.pool.block_parameters(i)]
             trainable += list(mix.router.keys)
+        elif isinstance(mix.router, AttemptAttention):
+            # ATTEMPT: the target prompt(s) (every task's, in ATTEMPT-m's joint stage) and G.
+            first = mix.num_sources if self.joint else current
+            trainable = [p for i in range(first, mix.num_blocks) for p in mix.pool.block_parameters(i)]
+            trainable += mix.router.trainable()
         else:
             trainable = list(mix.pool.block_parameters(current))
         if isinstance(mix.router, SharedAttentionRouter):
@@ -135,6 +153,37 @@ METHODS: dict[str, Method] = {
                summary="a new prompt per task; task t trains its prompt after the frozen prompts of tasks 1..t-1, "
                        "concatenated; the task id picks how many prompts at test",
                paper="Razdaibiedina et al., ICLR 2023 (Progressive Prompts)"),
+        # Single-task PET methods (ATTEMPT's comparison, DESIGN.md section 3): each task from the same start.
+        Method("prompt-tuning", "task", True, block="prompt", independent=True,
+               summary="a soft prompt in front of the input, the only trained weights",
+               paper="Lester et al., EMNLP 2021"),
+        Method("prefix-tuning", "task", True, block="prompt", independent=True, depth="deep", encoder="mlp",
+               summary="a prompt at every layer, reparameterised by an MLP during training",
+               paper="Li and Liang, ACL 2021"),
+        Method("p-tuning", "task", True, block="prompt", independent=True, encoder="lstm",
+               summary="an input prompt produced by a BiLSTM + MLP prompt encoder (--prompt-encoder mlp for an MLP)",
+               paper="Liu et al., 2021 (GPT Understands, Too)"),
+        Method("p-tuning-v2", "task", True, block="prompt", independent=True, depth="deep",
+               summary="deep prompts: a trained prompt at every layer, no reparameterisation",
+               paper="Liu et al., ACL 2022"),
+        Method("bitfit", "sum", False, block="bitfit", independent=True,
+               summary="bias terms only (zero biases added to bias-free linear layers)",
+               paper="Ben Zaken et al., ACL 2022"),
+        Method("lora", "task", True, independent=True, summary="a LoRA block per task on the query and value projections",
+               paper="Hu et al., ICLR 2022"),
+        Method("full-ft", "sum", False, block="full", independent=True,
+               summary="every weight of the backbone, from the pretrained weights for each task"),
+        Method("spot", "task", True, block="prompt", independent=True, hooks=("spot",),
+               summary="prompt tuning from the source prompt most similar to a briefly trained probe prompt "
+                       "(cosine of average tokens)",
+               paper="Vu et al., ACL 2022 (SPoT)"),
+        Method("attempt", "attempt", True, block="prompt", independent=True,
+               summary="instance prompt P_target + sum_j a_j P_j over frozen source prompts and the target; "
+                       "only the target prompt and the attention G train",
+               paper="Asai et al., EMNLP 2022 (ATTEMPT)"),
+        Method("attempt-m", "attempt", True, joint=True, block="prompt",
+               summary="ATTEMPT multi-task: a target prompt per task, one shared G, batches mixing tasks",
+               paper="Asai et al., EMNLP 2022 (ATTEMPT-m)"),
         Method("sapt-prompt", "attention", True, block="prompt", hooks=("arm",),
                summary="SAPT with a soft prompt per task: the instance prompt is the router-weighted sum",
                paper="Zhao et al., ACL 2024"),
@@ -188,6 +237,10 @@ def make_hooks(method: Method, trainer: Trainer) -> list[StageHook]:
             from petmix.methods.baselines import KeyMatching
 
             hooks.append(KeyMatching(trainer.cfg.l2p_lambda))
+        elif name == "spot":
+            from petmix.methods.attempt import SourceTransfer
+
+            hooks.append(SourceTransfer(trainer.out, trainer.sources, trainer.cfg.spot_probe_steps))
         elif name == "lfpt5":
             from petmix.methods.baselines import PseudoSampleReplay
 
