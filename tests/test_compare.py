@@ -45,3 +45,20 @@ def test_comparison_table_and_resume(tiny_llama_path, tmp_path):
 def test_compare_cli_bad_entry_exits_2(tmp_path, capsys):
     assert main(["compare", "--methods", "sapt-lora:oops", "--out", str(tmp_path / "c")]) == 2
     assert "key=value" in capsys.readouterr().err
+
+
+def test_single_task_entries_get_per_task_columns_and_a_failure_does_not_stop_the_rest(tiny_llama_path, tmp_path):
+    base = {"model": str(tiny_llama_path), "epochs": 1, "batch_size": 4, "lr": 5e-3, "max_new_tokens": 2}
+    entries = [Entry.parse("prompt-tuning"), Entry.parse("bad=lora:unfreeze=x:lora_r=0"), Entry.parse("lora")]
+    with pytest.raises(PetmixError):  # a setting that cannot be valid is refused before anything runs
+        run_comparison(entries, base, make_tasks(2), tmp_path / "cmp")
+    assert not (tmp_path / "cmp" / "prompt-tuning").exists()
+    entries[1] = Entry.parse("broken=full-ft:unfreeze=no_such_weight")  # fails only once it starts
+    rows = run_comparison(entries, base, make_tasks(2), tmp_path / "cmp")
+    assert "failed" in rows[1] and "no_such_weight" in rows[1]["failed"]
+    table = list(csv.reader((tmp_path / "cmp" / "table.csv").open()))
+    assert table[0] == ["method", "task0", "task1", "AP", "trainable/task", "wall s", "note"]
+    assert table[2][0] == "broken" and table[2][-1].startswith("FAILED")
+    lora = rows[2]
+    assert lora["AP"] == pytest.approx((lora["task:task0"] + lora["task:task1"]) / 2)
+    assert lora["note"] == "single-task: one model per task"

@@ -217,7 +217,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_compare(args: argparse.Namespace) -> int:
     import dataclasses
 
-    from petmix.compare import Entry, markdown_table, run_comparison
+    from petmix.compare import Entry, run_comparison
     from petmix.data.loaders import load_tasks
     from petmix.data.streams import resolve_stream
     from petmix.runs import setup_logging
@@ -232,8 +232,12 @@ def cmd_compare(args: argparse.Namespace) -> int:
     tasks = load_tasks(specs, cfg.data, max_train=cfg.max_train, max_test=cfg.max_test, seed=cfg.seed)
     base = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "method"}
     rows = run_comparison(entries, base, tasks, out)
-    print(markdown_table(rows))
+    print((out / "table.md").read_text(encoding="utf-8"))
     print(f"wrote {out / 'table.md'}, {out / 'table.csv'}, {out / 'matrices.png'}")
+    failed = [r["label"] for r in rows if "failed" in r]
+    if failed:
+        print(f"petmix: {len(failed)} entries failed ({', '.join(failed)}); see {out / 'log.txt'}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -69,7 +69,9 @@ def note_for(results: dict[str, Any]) -> str:
     elif results.get("method") == "sapt-lora":
         notes.append("no ARM")
     if results.get("stage_names") == ["joint"]:
-        notes.append("joint training (upper reference)")
+        notes.append("joint training" + ("" if results.get("method", "").startswith("attempt") else " (upper reference)"))
+    if results.get("independent"):
+        notes = ["single-task: one model per task"]
     return "; ".join(notes)
 
 
@@ -78,12 +80,15 @@ def run_comparison(entries: list[Entry], base: dict[str, Any], tasks: list[Task]
     out_dir.mkdir(parents=True, exist_ok=True)
     ordered = sorted(entries, key=lambda e: e.method != "per-task-lora")  # single-task scores first
     single = next((e for e in ordered if e.method == "per-task-lora"), None)
-    rows = []
-    for entry in ordered:
+    configs = {}
+    for entry in ordered:  # every entry's settings are checked before the first one runs
         values = {**base, "method": entry.method, **entry.overrides}
         if single is not None and entry is not single:
             values["single_task_results"] = str(out_dir / single.label)
-        cfg = TrainConfig.from_dict(values, f"entry {entry.label}")
+        configs[entry.label] = TrainConfig.from_dict(values, f"entry {entry.label}")
+    rows = []
+    for entry in ordered:
+        cfg = configs[entry.label]
         run_dir = out_dir / entry.label
         expected = 1 if get_method(cfg.method).joint else len(tasks)
         if _finished(run_dir, expected):
@@ -91,16 +96,43 @@ def run_comparison(entries: list[Entry], base: dict[str, Any], tasks: list[Task]
             results = read_json(run_dir / "results.json")
         else:
             log.info("%s: training (%s)", entry.label, cfg.method)
-            results = Trainer(cfg, tasks, run_dir).run()
+            try:
+                results = Trainer(cfg, tasks, run_dir).run()
+            except Exception as err:  # one failing method must not cost the others their runs
+                log.exception("%s failed; going on with the other entries", entry.label)
+                rows.append({"label": entry.label, "method": entry.label, "failed": f"{type(err).__name__}: {err}"})
+                continue
         m = results["metrics"]
         rows.append({"label": entry.label, "method": entry.label, "AP": m["AP"], "F.Ra": m["F.Ra"], "FWT": m["FWT"],
                      "BWT": m["BWT"], "trainable/task": results.get("trainable_params_per_task"),
-                     "wall s": stages_wall_seconds(results.get("stages") or []), "note": note_for(results), "results": results})
+                     "wall s": stages_wall_seconds(results.get("stages") or []), "note": note_for(results),
+                     "results": results, **final_scores(results)})
     rows.sort(key=lambda r: [e.label for e in entries].index(r["label"]))
-    (out_dir / "table.md").write_text(markdown_table(rows) + "\n", encoding="utf-8")
-    (out_dir / "table.csv").write_text(csv_table(rows), encoding="utf-8")
-    write_matrices_figure(rows, out_dir / "matrices.png")
+    done = [r for r in rows if "results" in r]
+    columns = table_columns(done, [t.name for t in tasks])
+    (out_dir / "table.md").write_text(markdown_table(rows, columns) + "\n", encoding="utf-8")
+    (out_dir / "table.csv").write_text(csv_table(rows, columns), encoding="utf-8")
+    if done:
+        write_matrices_figure(done, out_dir / "matrices.png")
     return rows
+
+
+def final_scores(results: dict[str, Any]) -> dict[str, Any]:
+    """Each task's final score: the last row (continual, joint) or the diagonal (single-task methods)."""
+    matrix, names = results["matrix"], results["tasks"]
+    if results.get("independent"):
+        row = [matrix[i][i] if i < len(matrix) else None for i in range(len(names))]
+    else:
+        row = matrix[-1]
+    return {f"task:{n}": v for n, v in zip(names, row)}
+
+
+def table_columns(rows: list[dict[str, Any]], task_names: list[str]) -> list[str]:
+    """Continual entries get AP, F.Ra, FWT, BWT; if every entry is single-task or joint, those are
+    meaningless and each task's score is shown instead (AP is then the mean score)."""
+    if rows and all(r["results"].get("independent") or r["results"].get("stage_names") == ["joint"] for r in rows):
+        return ["method", *[f"task:{n}" for n in task_names], "AP", "trainable/task", "wall s", "note"]
+    return COLUMNS
 
 
 def _cell(v: Any) -> str:
@@ -113,18 +145,27 @@ def _cell(v: Any) -> str:
     return str(v)
 
 
-def markdown_table(rows: list[dict[str, Any]]) -> str:
-    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    lines += ["| " + " | ".join(_cell(r[c]) for c in COLUMNS) + " |" for r in rows]
+def _row_cells(r: dict[str, Any], columns: list[str]) -> list[Any]:
+    if "failed" in r:  # a failed entry: its name, then the error in the note column
+        return [r["label"]] + [None] * (len(columns) - 2) + [f"FAILED: {r['failed']}"]
+    return [r.get(c) for c in columns]
+
+
+def markdown_table(rows: list[dict[str, Any]], columns: list[str] | None = None) -> str:
+    columns = columns or COLUMNS
+    head = [c.removeprefix("task:") for c in columns]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(_cell(v) for v in _row_cells(r, columns)) + " |" for r in rows]
     return "\n".join(lines)
 
 
-def csv_table(rows: list[dict[str, Any]]) -> str:
+def csv_table(rows: list[dict[str, Any]], columns: list[str] | None = None) -> str:
+    columns = columns or COLUMNS
     buf = io.StringIO()
     writer = csv.writer(buf)
-    writer.writerow(COLUMNS)
+    writer.writerow([c.removeprefix("task:") for c in columns])
     for r in rows:
-        writer.writerow(["" if r[c] is None else r[c] for c in COLUMNS])
+        writer.writerow(["" if v is None else v for v in _row_cells(r, columns)])
     return buf.getvalue()
 
 
