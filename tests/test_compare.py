@@ -14,6 +14,7 @@ from petmix.errors import PetmixError
 
 def test_entry_parse():
     assert Entry.parse("seq-lora") == Entry("seq-lora", "seq-lora", {})
+    assert Entry.parse("ft=seq-ft:lr=5e-5").overrides == {"lr": 5e-5}
     e = Entry.parse("no-arm=sapt-lora:kl_ratio=0:replay-source=real")
     assert e == Entry("no-arm", "sapt-lora", {"kl_ratio": 0, "replay_source": "real"})
     with pytest.raises(PetmixError):

@@ -181,3 +181,12 @@ def test_data_parallel_under_accelerate_launch(tiny_llama_path, tmp_path):
     res = read_json(out / "results.json")
     assert len(res["matrix"]) == 2 and res["stages"][1]["steps"] == 3  # 9 train examples / batch 4
     assert proc.stdout.count("AP ") == 1  # one report, from the main process
+
+
+def test_config_numbers_written_as_yaml_strings_are_read_as_numbers():
+    from petmix.errors import PetmixError
+
+    cfg = TrainConfig.from_dict({"lr": "3e-4", "max_train": "16"})
+    assert cfg.lr == 3e-4 and cfg.max_train == 16
+    with pytest.raises(PetmixError, match="lr must be a number"):
+        TrainConfig.from_dict({"lr": "fast"})

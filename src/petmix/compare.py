@@ -48,7 +48,14 @@ class Entry:
 def _value(text: str) -> Any:
     import yaml
 
-    return yaml.safe_load(text)
+    try:  # YAML 1.1 reads "5e-5" as a string; a number is meant
+        return int(text)
+    except ValueError:
+        pass
+    try:
+        return float(text)
+    except ValueError:
+        return yaml.safe_load(text)
 
 
 def _finished(out: Path, expected_rows: int) -> bool:

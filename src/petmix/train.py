@@ -117,6 +117,13 @@ class TrainConfig:
             values["sources"] = [t.strip() for t in values["sources"].split(",") if t.strip()]
         if isinstance(values.get("target_modules"), str):
             values["target_modules"] = [t.strip() for t in values["target_modules"].split(",") if t.strip()]
+        for f in dataclasses.fields(cls):  # YAML 1.1 reads "3e-4" as a string: numbers are meant
+            v = values.get(f.name)
+            if isinstance(v, str) and f.type in ("float", "float | None", "int", "int | None"):
+                try:
+                    values[f.name] = float(v) if "float" in f.type else int(v)
+                except ValueError:
+                    raise PetmixError(f"{source}: {f.name} must be a number, not {v!r}") from None
         cfg = cls(**values)
         cfg.validate(source)
         return cfg
