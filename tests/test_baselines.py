@@ -199,3 +199,30 @@ def test_lfpt5_replays_generated_and_model_labelled_samples(tiny_llama_path, tmp
     assert "generated pseudo-samples" in res["stages"][0]["replay"]
     hook = trainer.hooks[0]
     assert len(hook.buffer) == 1 and hook.extra_examples(0) == [hook.buffer[0]] * 3
+
+
+def test_replay_total_budget_is_shared_and_balanced_sampling_keeps_every_label(tmp_path):
+    from types import SimpleNamespace
+
+    from petmix.data.task import Example, Task
+
+    replay = ExperienceReplay(tmp_path, per_task=99, per_batch=1, seed=0, total=6, sampling="balanced")
+    exs = [Example(f"x{i}", ["rare" if i == 0 else "common"]) for i in range(20)]
+    tasks = [Task(f"t{k}", "", "exact_match", exs, [], "plain") for k in range(3)]
+    trainer = SimpleNamespace(tasks=tasks, splits={t.name: (exs, []) for t in tasks}, main=True,
+                              encode=lambda chosen, ts, owners: ([[len(e.input)] for e in chosen],
+                                                                 [[e.outputs[0] == "rare"] for e in chosen]))
+    replay.after_stage(trainer, 0)
+    assert len(replay.kept[0]) == 6 and [True] in [a for _, a in replay.kept[0]]  # the rare label is kept
+    replay.after_stage(trainer, 1)
+    replay.after_stage(trainer, 2)
+    assert [len(replay.kept[k]) for k in range(3)] == [2, 2, 2]  # 6 shared by 3 tasks
+    assert ExperienceReplay(tmp_path, 1, 1, 0).kept.keys() == {0, 1, 2}  # persisted for a resumed run
+
+
+def test_replay_with_full_fine_tuning(tiny_llama_path, tmp_path):
+    cfg = TrainConfig(method="replay-ft", model=str(tiny_llama_path), batch_size=4, lr=1e-3, max_new_tokens=2,
+                      buffer_per_task=4, unfreeze="last:1")
+    res = Trainer(cfg, make_tasks(2), tmp_path / "run").run()
+    assert res["stages"][1]["replay_buffer"] == 8
+    assert all(k.startswith("full.") for k in load_file(tmp_path / "run" / "adapters.safetensors"))

@@ -144,6 +144,8 @@ TRAIN_FLAGS: list[tuple[str, Any, str]] = [
     ("--ewc-lambda", float, "ewc: penalty weight"),
     ("--ewc-online", _bool, "ewc: online EWC (one anchor, decayed sum of Fisher terms): true/false"),
     ("--buffer-per-task", int, "replay: real examples kept per finished task"),
+    ("--buffer-total", int, "replay: one budget shared equally by the finished tasks (instead of per task)"),
+    ("--buffer-sampling", str, "replay: random (default) or balanced (round-robin over the answers)"),
     ("--buffer-per-batch", int, "replay, lfpt5: buffer (pseudo-)examples added to every micro-batch"),
     ("--unfreeze", str, "seq-ft, full-ft: all (default), last:N (top N layers, final norm, head) or a name regex"),
     ("--lwf-alpha", float, "lwf: weight of the distillation term"),

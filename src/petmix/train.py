@@ -87,6 +87,8 @@ class TrainConfig:
     ewc_gamma: float = 1.0  # online EWC: decay of earlier Fisher terms
     ewc_fisher_batches: int = 8
     buffer_per_task: int = 16  # replay: real examples kept per finished task
+    buffer_total: int | None = None  # replay: a total budget shared equally by the tasks (instead of per task)
+    buffer_sampling: str = "random"  # replay: "random" or "balanced" (round-robin over answers)
     buffer_per_batch: int = 2  # replay and lfpt5: buffer examples added to every micro-batch
     unfreeze: str = "all"  # seq-ft: "all", "last:N" (top N layers, final norm, head) or a name regex
     lwf_alpha: float = 1.0  # LwF: weight of the distillation term
@@ -145,6 +147,7 @@ class TrainConfig:
             (1 <= self.l2p_top_k <= self.l2p_pool_size, "l2p_top_k must lie in 1..l2p_pool_size"),
             (self.lwf_temperature > 0 and self.lwf_topk >= 1, "lwf_temperature must be > 0 and lwf_topk >= 1"),
             (self.prompt_depth in (None, "shallow", "deep"), "prompt_depth must be 'shallow' or 'deep'"),
+            (self.buffer_sampling in ("random", "balanced"), "buffer_sampling must be 'random' or 'balanced'"),
             (self.prompt_encoder in (None, "none", "mlp", "lstm"), "prompt_encoder must be none, mlp or lstm"),
             (self.method not in ("attempt", "attempt-m", "spot") or bool(self.sources),
              f"method {self.method} needs source prompts: set sources (see `petmix sources train`)"),

@@ -135,6 +135,8 @@ METHODS: dict[str, Method] = {
                paper="Kirkpatrick et al., PNAS 2017"),
         Method("replay", "sum", False, hooks=("replay",),
                summary="one LoRA in sequence, real examples of earlier tasks mixed into every batch"),
+        Method("replay-ft", "sum", False, block="full", hooks=("replay",),
+               summary="full fine-tuning in sequence, real examples of earlier tasks mixed into every batch"),
         Method("seq-ft", "sum", False, block="full",
                summary="full fine-tuning of the backbone in sequence (SeqFT); --unfreeze last:N trains only the top N layers"),
         Method("lwf", "sum", False, hooks=("lwf",),
@@ -227,7 +229,8 @@ def make_hooks(method: Method, trainer: Trainer) -> list[StageHook]:
             from petmix.methods.baselines import ExperienceReplay
 
             cfg = trainer.cfg
-            hooks.append(ExperienceReplay(trainer.out, cfg.buffer_per_task, cfg.buffer_per_batch, cfg.seed))
+            hooks.append(ExperienceReplay(trainer.out, cfg.buffer_per_task, cfg.buffer_per_batch, cfg.seed,
+                                          cfg.buffer_total, cfg.buffer_sampling))
         elif name == "lwf":
             from petmix.methods.baselines import LearningWithoutForgetting
 

@@ -144,11 +144,22 @@ def diagonal_fisher(trainer: Trainer, stage: int, params: list[torch.Tensor], ba
 
 
 class ExperienceReplay(StageHook):
+    """A buffer of real examples of finished tasks, ``per_batch`` of them added to every micro-batch.
+
+    Size: ``per_task`` examples of each task, or (``total``) a fixed budget shared equally by the tasks
+    seen so far, earlier tasks giving up examples as new ones arrive. Sampling: ``random`` (uniform) or
+    ``balanced`` (round-robin over the task's distinct answers, so rare labels are kept too).
+    """
+
     name = "replay"
 
-    def __init__(self, run_dir: Path, per_task: int, per_batch: int, seed: int):
+    def __init__(self, run_dir: Path, per_task: int, per_batch: int, seed: int, total: int | None = None,
+                 sampling: str = "random"):
+        if sampling not in ("random", "balanced"):
+            raise ValueError(f"buffer sampling must be random or balanced, not {sampling!r}")
         self.path = Path(run_dir) / "replay_buffer.json"
         self.per_task, self.per_batch, self.seed = per_task, per_batch, seed
+        self.total, self.sampling = total, sampling
         # stage -> [(prompt ids, answer ids)]: real examples kept from each finished task
         self.kept: dict[int, list[tuple[list[int], list[int]]]] = {}
         if self.path.is_file():
@@ -158,11 +169,28 @@ class ExperienceReplay(StageHook):
     def buffer(self) -> list[tuple[list[int], list[int]]]:
         return [ex for k in sorted(self.kept) for ex in self.kept[k]]
 
+    def choose(self, examples: list[Example], k: int, stage: int) -> list[Example]:
+        rng = random.Random(self.seed + stage)
+        k = min(k, len(examples))
+        if self.sampling == "random":
+            return rng.sample(examples, k)
+        by_label: dict[str, list[Example]] = {}
+        for ex in rng.sample(examples, len(examples)):
+            by_label.setdefault(ex.outputs[0], []).append(ex)
+        groups, chosen = list(by_label.values()), []
+        while len(chosen) < k:
+            for group in groups:
+                if group and len(chosen) < k:
+                    chosen.append(group.pop())
+        return chosen
+
     def after_stage(self, trainer: Trainer, stage: int) -> dict[str, Any]:
         task = trainer.tasks[stage]
-        pool = trainer.splits[task.name][0]
-        chosen = random.Random(self.seed + stage).sample(pool, min(self.per_task, len(pool)))
+        quota = self.per_task if self.total is None else self.total // (len(self.kept) + 1)
+        chosen = self.choose(trainer.splits[task.name][0], quota, stage)
         prompts, answers = trainer.encode(chosen, [task], [0] * len(chosen))
+        if self.total is not None:  # earlier tasks shrink to the new equal share (their first examples stay)
+            self.kept = {k: v[:quota] for k, v in self.kept.items()}
         self.kept[stage] = list(zip(prompts, answers))
         if trainer.main:
             write_json(self.path, {str(k): v for k, v in self.kept.items()})
