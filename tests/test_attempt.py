@@ -239,3 +239,29 @@ def test_sources_cli_trains_and_lists_a_library(tiny_llama_path, tmp_path, capsy
     assert "| beta.safetensors | beta |" in capsys.readouterr().out
     # the library feeds ATTEMPT: its prompts become the frozen sources
     assert [p.stem for p in resolve_sources([str(lib)])] == ["alpha", "beta"]
+
+
+@pytest.mark.parametrize("method", ["attempt", "full-ft", "l2p"])
+def test_load_a_run_and_predict(tiny_llama_path, source_files, tmp_path, method):
+    import petmix
+
+    lib, _ = source_files
+    cfg = TrainConfig(method=method, model=str(tiny_llama_path), batch_size=4, lr=1e-2, max_new_tokens=2,
+                      sources=[str(lib)] if method == "attempt" else [], l2p_pool_size=3, l2p_top_k=2)
+    trainer = Trainer(cfg, make_tasks(2), tmp_path / "run")
+    trainer.run()
+    model = petmix.load(tmp_path / "run")
+    prompt = "Answer yes.\nsay yes number 40"
+    if method == "l2p":
+        (ans,) = model.generate([prompt])
+        assert sorted(ans.router_weights.values()) == [0.0, 1.0, 1.0]  # two of three prompts selected
+        return
+    first, second = model.generate([prompt], task="task0")[0], model.generate([prompt], task="task1")[0]
+    if method == "attempt":
+        assert set(first.router_weights) == {"source:mnli", "source:sst2", "task0", "task1"}
+        assert first.router_weights["task1"] == 0.0 and second.router_weights["task0"] == 0.0
+    else:  # one model per task: task0's answer comes from stage 1's weights
+        state = load_file(tmp_path / "run" / "checkpoints" / "stage-1.safetensors")
+        name, w = next(iter(state.items()))
+        model.generate([prompt], task="task0")
+        assert torch.equal(dict(model.mix.named_parameters())["model." + name.split(".", 1)[1]].detach(), w)

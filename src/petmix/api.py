@@ -9,11 +9,13 @@ import torch
 from safetensors.torch import load_file
 
 from petmix.backbone import load_backbone
+from petmix.blocks.full import BackbonePool
 from petmix.errors import PetmixError
 from petmix.evaluate import GenerationConfig, generate
 from petmix.methods import get_method
 from petmix.mixture import Mixture
 from petmix.runs import read_json
+from petmix.sources import resolve_sources
 from petmix.train import TrainConfig, block_config
 
 
@@ -35,11 +37,24 @@ class TrainedModel:
         self.method = get_method(self.config["method"])
         self.backbone = load_backbone(model or self.config["model"])
         cfg = TrainConfig.from_dict({**self.config, "tasks": [], "lora_dropout": 0.0}, str(cfg_path))
-        self.mix = Mixture(self.backbone, block_config(cfg, self.method), self.method.routing, cfg.router_hidden)
+        sources = resolve_sources(cfg.sources) if cfg.sources else []
+        self.mix = Mixture(self.backbone, block_config(cfg, self.method, sources), self.method.routing,
+                           cfg.router_hidden, top_k=cfg.l2p_top_k, pool_size=cfg.l2p_pool_size,
+                           train_layer_norm=cfg.attempt_train_layer_norm, token_level=cfg.attempt_token_level)
+        self.run_dir = run_dir
         self.mix.load_adapter_state(load_file(adapters))
         self.mix.eval()
-        self.block_names = list(self.config["tasks"]) if self.method.new_block_per_task else ["shared"]
+        tasks = list(self.config["tasks"])
+        if self.method.routing == "key-query":
+            self.block_names = [f"prompt {i + 1}" for i in range(self.mix.num_blocks)]
+        elif self.method.new_block_per_task or (self.method.joint and self.method.routing == "attempt"):
+            self.block_names = [f"source:{n}" for n in self.mix.pool.source_names] if self.mix.num_sources else []
+            self.block_names += tasks
+        else:
+            self.block_names = ["shared"]
         self.block_names = self.block_names[: self.mix.num_blocks]
+        self.tasks = tasks
+        self._loaded_stage: int | None = None
 
     def generate(self, prompts: list[str], task: str | None = None, max_new_tokens: int | None = None) -> list[Answer]:
         """Answer full prompts (as the model saw them in training: template, definition, input).
@@ -48,9 +63,13 @@ class TrainedModel:
         """
         index = None
         if self.method.task_id_at_test:
-            if task not in self.block_names:
-                raise PetmixError(f"method {self.method.name} needs the task id: task= one of {self.block_names}")
-            index = self.block_names.index(task)
+            if task not in self.tasks:
+                raise PetmixError(f"method {self.method.name} needs the task id: task= one of {self.tasks}")
+            index = self.tasks.index(task)
+            if self.method.independent and isinstance(self.mix.pool, BackbonePool) and self._loaded_stage != index:
+                # full-ft, bitfit: one model per task; the task's stage checkpoint holds its weights
+                self.mix.load_adapter_state(load_file(self.run_dir / "checkpoints" / f"stage-{index + 1}.safetensors"))
+                self._loaded_stage = index
         cfg = GenerationConfig(max_new_tokens or self.config["max_new_tokens"], self.config["eval_batch_size"],
                                self.config["max_source_len"], self.config["chat"])
         with torch.no_grad():
