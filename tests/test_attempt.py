@@ -265,3 +265,14 @@ def test_load_a_run_and_predict(tiny_llama_path, source_files, tmp_path, method)
         name, w = next(iter(state.items()))
         model.generate([prompt], task="task0")
         assert torch.equal(dict(model.mix.named_parameters())["model." + name.split(".", 1)[1]].detach(), w)
+
+
+def test_attempt_temperature_option_sharpens_the_attention():
+    torch.manual_seed(0)
+    embeds, mask = torch.randn(1, 4, 8), torch.ones(1, 4)
+    sources, targets = torch.randn(3, 2, 8), torch.randn(1, 2, 8)
+    paper = AttemptAttention(8)
+    sharp = AttemptAttention(8, temperature=0.5)
+    sharp.load_state_dict(paper.state_dict())
+    a, b = paper(embeds, mask, sources, targets), sharp(embeds, mask, sources, targets)
+    assert b.max() > a.max() and torch.equal(a.argmax(1), b.argmax(1))

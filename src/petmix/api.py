@@ -40,7 +40,8 @@ class TrainedModel:
         sources = resolve_sources(cfg.sources) if cfg.sources else []
         self.mix = Mixture(self.backbone, block_config(cfg, self.method, sources), self.method.routing,
                            cfg.router_hidden, top_k=cfg.l2p_top_k, pool_size=cfg.l2p_pool_size,
-                           train_layer_norm=cfg.attempt_train_layer_norm, token_level=cfg.attempt_token_level)
+                           train_layer_norm=cfg.attempt_train_layer_norm, token_level=cfg.attempt_token_level,
+                           temperature=cfg.attempt_temperature)
         self.run_dir = run_dir
         self.mix.load_adapter_state(load_file(adapters))
         self.mix.eval()

@@ -159,6 +159,7 @@ TRAIN_FLAGS: list[tuple[str, Any, str]] = [
     ("--prompt-encoder-hidden", int, "hidden width of the prompt encoder"),
     ("--attempt-token-level", _bool, "attempt: score each prompt token instead of the max-pooled prompt: true/false"),
     ("--attempt-train-layer-norm", _bool, "attempt: train G's LayerNorm (default true)"),
+    ("--attempt-temperature", float, "attempt: softmax temperature of G (default d * e, the paper's)"),
     ("--spot-probe-steps", int, "spot: steps of the probe prompt that picks the source"),
     ("--eval-scope", str, "seen (tasks so far, default) or all (every task after every stage)"),
     ("--eval-batch-size", int, "generation batch size"),

@@ -34,7 +34,7 @@ TASK_ID_ROUTINGS = ("task", "progressive", "attempt")
 class Mixture(nn.Module):
     def __init__(self, backbone: Backbone, blocks: BlockConfig, routing: str = "attention",
                  router_hidden: int = 100, seed: int = 0, top_k: int = 5, pool_size: int = 10,
-                 train_layer_norm: bool = True, token_level: bool = False):
+                 train_layer_norm: bool = True, token_level: bool = False, temperature: float | None = None):
         super().__init__()
         self.pool_size = pool_size  # key-query routing (L2P): prompts in the shared pool
         if routing not in ROUTINGS:
@@ -61,7 +61,7 @@ class Mixture(nn.Module):
         elif routing == "attempt":
             if not isinstance(self.pool, PromptPool):
                 raise ValueError("attempt routing needs prompt blocks")
-            self.router = AttemptAttention(backbone.hidden_size, router_hidden, train_layer_norm, token_level)
+            self.router = AttemptAttention(backbone.hidden_size, router_hidden, train_layer_norm, token_level, temperature)
         if self.router is not None:
             self.router.to(backbone.device)
 

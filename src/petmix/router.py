@@ -98,12 +98,15 @@ class AttemptAttention(nn.Module):
     differ from one prompt position to the next (an option beyond the paper).
     """
 
-    def __init__(self, d_model: int, hidden: int = 100, train_layer_norm: bool = True, token_level: bool = False):
+    def __init__(self, d_model: int, hidden: int = 100, train_layer_norm: bool = True, token_level: bool = False,
+                 temperature: float | None = None):
         super().__init__()
         self.down = nn.Linear(d_model, hidden, bias=False)
         self.up = nn.Linear(hidden, d_model, bias=False)
         self.norm = nn.LayerNorm(d_model)
-        self.temperature = d_model * math.e
+        # The paper's d * e suits T5's large embeddings; a backbone with small ones (SmolLM2: std 0.14)
+        # gets near-uniform attention from it, hence the option to set it.
+        self.temperature = temperature if temperature is not None else d_model * math.e
         self.train_layer_norm = train_layer_norm
         self.token_level = token_level
 

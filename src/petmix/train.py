@@ -104,6 +104,7 @@ class TrainConfig:
     prompt_encoder_hidden: int = 512
     attempt_token_level: bool = False  # ATTEMPT: score each prompt token, not the max-pooled prompt
     attempt_train_layer_norm: bool = True  # ATTEMPT: train G's LayerNorm (the reference code leaves it frozen)
+    attempt_temperature: float | None = None  # ATTEMPT: softmax temperature; default d * e (the paper's)
     spot_probe_steps: int = 10  # SPoT: steps of the probe prompt that picks the source
 
     @classmethod
@@ -148,6 +149,7 @@ class TrainConfig:
             (self.lwf_temperature > 0 and self.lwf_topk >= 1, "lwf_temperature must be > 0 and lwf_topk >= 1"),
             (self.prompt_depth in (None, "shallow", "deep"), "prompt_depth must be 'shallow' or 'deep'"),
             (self.buffer_sampling in ("random", "balanced"), "buffer_sampling must be 'random' or 'balanced'"),
+            (self.attempt_temperature is None or self.attempt_temperature > 0, "attempt_temperature must be > 0"),
             (self.prompt_encoder in (None, "none", "mlp", "lstm"), "prompt_encoder must be none, mlp or lstm"),
             (self.method not in ("attempt", "attempt-m", "spot") or bool(self.sources),
              f"method {self.method} needs source prompts: set sources (see `petmix sources train`)"),
@@ -215,7 +217,8 @@ class Trainer:
         self.sources = resolve_sources(cfg.sources) if cfg.sources else []
         self.mix = Mixture(self.backbone, block_config(cfg, self.method, self.sources), self.method.routing,
                            cfg.router_hidden, cfg.seed, top_k=cfg.l2p_top_k, pool_size=cfg.l2p_pool_size,
-                           train_layer_norm=cfg.attempt_train_layer_norm, token_level=cfg.attempt_token_level)
+                           train_layer_norm=cfg.attempt_train_layer_norm, token_level=cfg.attempt_token_level,
+                           temperature=cfg.attempt_temperature)
         self.trainable_count = 0  # parameters the latest stage trained (reported per task)
         self.stages_info: dict[int, dict[str, Any] | None] = {}
         # The micro-batch being trained on, for hooks whose loss needs it (LwF).
