@@ -123,9 +123,9 @@ class Mixture(nn.Module):
         w = a.new_zeros((b, self.num_blocks, *a.shape[2:]))
         w[:, :m] = a[:, :m]
         w[rows, m + tasks] = 1.0 + a[:, m]  # P_target + sum_j a_j P_j, j over the sources and the target
-        self.last_attention = w if w.dim() == 2 else w.mean(-1)
-        self.last_attention = self.last_attention.clone()
-        self.last_attention[rows, m + tasks] -= 1.0  # report the attention itself
+        reported = (w if w.dim() == 2 else w.mean(-1)).clone()
+        reported[rows, m + tasks] -= 1.0  # report the attention itself, not 1 + a
+        self.last_attention = reported
         return w
 
     def reported_weights(self, weights: torch.Tensor) -> torch.Tensor:

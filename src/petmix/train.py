@@ -221,9 +221,8 @@ class Trainer:
                            temperature=cfg.attempt_temperature)
         self.trainable_count = 0  # parameters the latest stage trained (reported per task)
         self.stages_info: dict[int, dict[str, Any] | None] = {}
-        # The micro-batch being trained on, for hooks whose loss needs it (LwF).
+        # Which examples the current micro-batch holds, for hooks whose loss needs it (LwF).
         self.step_indices: list[int] = []
-        self.step_batch: dict[str, torch.Tensor] = {}
         self.stages: list[list[Task]] = [tasks] if self.method.joint else [[t] for t in tasks]
         self.state_dir = self.out / "state"
         self.single_task = self._single_task_scores()
@@ -371,7 +370,7 @@ class Trainer:
             if self.method.joint and self.method.routing == "attempt":  # each input's task picks its target prompt
                 batch["task_ids"] = torch.tensor([owners[i] for i in idx])
             batch = {k: v.to(acc.device) for k, v in batch.items()}
-            self.step_indices, self.step_batch = idx, batch
+            self.step_indices = idx
             with acc.autocast():
                 loss, weights = self.mix(batch, task_index)
                 total = loss
