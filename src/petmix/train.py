@@ -318,6 +318,11 @@ class Trainer:
         return (encode_prompts(tok, prompts, self.cfg.max_source_len),
                 encode_answers(tok, [ex.outputs[0] for ex in examples], self.cfg.max_target_len))
 
+    def batch(self, prompt_ids: list[list[int]], answer_ids: list[list[int]]) -> dict[str, torch.Tensor]:
+        """A training batch of encoded pairs, on the training device (hooks use it too)."""
+        batch = training_batch(self.backbone.tokenizer, prompt_ids, answer_ids, self.backbone.is_seq2seq)
+        return {k: v.to(self.accelerator.device) for k, v in batch.items()}
+
     def _train_stage(self, stage: int, resume: tuple | None) -> dict[str, Any]:
         cfg, acc = self.cfg, self.accelerator
         stage_tasks = self.stages[stage]
@@ -365,11 +370,9 @@ class Trainer:
             idx = order[b * cfg.batch_size:(b + 1) * cfg.batch_size][self.rank::self.world]
             pairs = [(prompt_ids[i], answer_ids[i]) for i in idx]
             pairs += [p for hook in self.hooks for p in hook.extra_examples(done_batches)][self.rank::self.world]
-            batch = training_batch(self.backbone.tokenizer, [p for p, _ in pairs], [a for _, a in pairs],
-                                   self.backbone.is_seq2seq)
+            batch = self.batch([p for p, _ in pairs], [a for _, a in pairs])
             if self.method.joint and self.method.routing == "attempt":  # each input's task picks its target prompt
-                batch["task_ids"] = torch.tensor([owners[i] for i in idx])
-            batch = {k: v.to(acc.device) for k, v in batch.items()}
+                batch["task_ids"] = torch.tensor([owners[i] for i in idx], device=acc.device)
             self.step_indices = idx
             with acc.autocast():
                 loss, weights = self.mix(batch, task_index)

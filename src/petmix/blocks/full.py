@@ -40,7 +40,7 @@ def select_parameters(model: nn.Module, unfreeze: str) -> dict[str, nn.Parameter
             if m is not None:
                 if int(m.group(1)) in keep:
                     chosen[name] = p
-            elif not name.endswith(("embed_tokens.weight", "shared.weight", "wte.weight")) or "lm_head" in name:
+            elif not name.endswith(("embed_tokens.weight", "shared.weight", "wte.weight")):
                 chosen[name] = p  # final norm and head (a tied head is the embedding: left frozen)
         return chosen
     pattern = re.compile(unfreeze)

@@ -19,7 +19,6 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from petmix.blocks.prompt import load_prompt_file
-from petmix.data.collate import training_batch
 from petmix.methods.base import StageHook
 from petmix.runs import read_json, write_json
 
@@ -78,9 +77,7 @@ class SourceTransfer(StageHook):
         g = torch.Generator().manual_seed(trainer.cfg.seed + 7919 * stage)
         for _ in range(self.probe_steps):
             idx = torch.randperm(len(examples), generator=g)[:bs].tolist()
-            batch = training_batch(trainer.backbone.tokenizer, [prompts[i] for i in idx], [answers[i] for i in idx],
-                                   trainer.backbone.is_seq2seq)
-            batch = {k: v.to(trainer.accelerator.device) for k, v in batch.items()}
+            batch = trainer.batch([prompts[i] for i in idx], [answers[i] for i in idx])
             with trainer.accelerator.autocast():
                 loss, _ = trainer.mix(batch, trainer.method.routing_index(stage))
             loss.backward()

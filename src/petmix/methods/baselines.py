@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from safetensors.torch import load_file
 
-from petmix.data.collate import IGNORE, training_batch
+from petmix.data.collate import IGNORE
 from petmix.data.task import Example
 from petmix.methods.base import StageHook
 from petmix.runs import read_json, save_tensors, write_json
@@ -131,8 +131,7 @@ def diagonal_fisher(trainer: Trainer, stage: int, params: list[torch.Tensor], ba
     for b in range(min(batches, (len(examples) + bs - 1) // bs)):
         chunk = examples[b * bs:(b + 1) * bs]
         prompts, answers = trainer.encode(chunk, [trainer.tasks[stage]], [0] * len(chunk))
-        batch = training_batch(trainer.backbone.tokenizer, prompts, answers, trainer.backbone.is_seq2seq)
-        batch = {k: v.to(trainer.accelerator.device) for k, v in batch.items()}
+        batch = trainer.batch(prompts, answers)
         with trainer.accelerator.autocast():
             loss, _ = trainer.mix(batch)
         grads = torch.autograd.grad(loss, params, allow_unused=True)
@@ -258,9 +257,7 @@ class LearningWithoutForgetting(StageHook):
         was_training = mix.training
         mix.eval()
         for start in range(0, len(examples), bs):
-            batch = training_batch(trainer.backbone.tokenizer, prompts[start:start + bs], answers[start:start + bs],
-                                   trainer.backbone.is_seq2seq)
-            batch = {k: v.to(trainer.accelerator.device) for k, v in batch.items()}
+            batch = trainer.batch(prompts[start:start + bs], answers[start:start + bs])
             with trainer.accelerator.autocast():
                 mix(batch)
             logits, mask = answer_positions(mix.last_logits, mix.last_labels, trainer.backbone.is_seq2seq)
@@ -317,9 +314,11 @@ class PseudoSampleReplay(ExperienceReplay):
     def __init__(self, run_dir: Path, per_batch: int, seed: int):
         super().__init__(run_dir, 0, per_batch, seed)
         self.path = Path(run_dir) / "lfpt5_pseudo_samples.json"
-        self.kept = {}
-        if self.path.is_file():
-            self.kept = {int(k): [tuple(x) for x in v["ids"]] for k, v in read_json(self.path).items()}
+        self._read()
+
+    def _read(self) -> None:
+        saved = read_json(self.path) if self.path.is_file() else {}
+        self.kept = {int(k): [tuple(x) for x in v["ids"]] for k, v in saved.items()}
 
     def after_stage(self, trainer: Trainer, stage: int) -> dict[str, Any]:
         if stage == len(trainer.tasks) - 1:
@@ -327,7 +326,7 @@ class PseudoSampleReplay(ExperienceReplay):
         info = self._make(trainer, stage) if trainer.main else {}
         trainer.accelerator.wait_for_everyone()
         if not trainer.main:
-            self.kept = {int(k): [tuple(x) for x in v["ids"]] for k, v in read_json(self.path).items()}
+            self._read()
         return info
 
     def _make(self, trainer: Trainer, stage: int) -> dict[str, Any]:
