@@ -36,12 +36,15 @@ class TrainedModel:
         self.config = read_json(cfg_path)
         self.method = get_method(self.config["method"])
         self.backbone = load_backbone(model or self.config["model"])
-        cfg = TrainConfig.from_dict({**self.config, "tasks": [], "lora_dropout": 0.0}, str(cfg_path))
+        # Runs made before the router presets existed used the paper's router.
+        saved = {"router": "paper", **self.config}
+        cfg = TrainConfig.from_dict({**saved, "tasks": [], "lora_dropout": 0.0}, str(cfg_path))
         sources = resolve_sources(cfg.sources) if cfg.sources else []
         self.mix = Mixture(self.backbone, block_config(cfg, self.method, sources), self.method.routing,
                            cfg.router_hidden, top_k=cfg.l2p_top_k, pool_size=cfg.l2p_pool_size,
                            train_layer_norm=cfg.attempt_train_layer_norm, token_level=cfg.attempt_token_level,
-                           temperature=cfg.attempt_temperature)
+                           temperature=cfg.attempt_temperature, router_preset=cfg.router,
+                           router_temperature=cfg.router_temperature)
         self.run_dir = run_dir
         self.mix.load_adapter_state(load_file(adapters))
         self.mix.eval()

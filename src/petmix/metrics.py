@@ -182,3 +182,25 @@ def single_row_metrics(row: Sequence[float | None]) -> dict[str, float | None]:
     mean over all tasks; forgetting and transfer need a sequence of stages, so they are None."""
     vals = [v for v in row if v is not None and not math.isnan(v)]
     return {"AP": sum(vals) / len(vals) if vals else None, "F.Ra": None, "FWT": None, "BWT": None}
+
+
+ROUTING_DEFINITION = ("routing accuracy: the share of a task's test inputs whose largest router weight is on "
+                      "that task's own block; own weight: the mean weight on the own block")
+
+
+def routing_accuracy(weights: Sequence[Sequence[float]], own: int) -> dict[str, float | int | None]:
+    """Routing accuracy (percent) and mean own-block weight of one task's inputs.
+
+    ``weights`` holds one router weight vector per test input; ``own`` is the index of the block trained
+    on that task. A tie for the largest weight counts as a miss unless the own block is the only maximum,
+    so a router that gives every block the same weight scores 0, not 100.
+    """
+    rows = [list(w) for w in weights if w is not None and len(w) > own]
+    if not rows:
+        return {"accuracy": None, "own_weight": None, "n": 0}
+    hits = 0
+    for w in rows:
+        top = max(w)
+        hits += int(w[own] == top and sum(1 for v in w if v == top) == 1)
+    return {"accuracy": round(100.0 * hits / len(rows), 4),
+            "own_weight": round(sum(w[own] for w in rows) / len(rows), 6), "n": len(rows)}

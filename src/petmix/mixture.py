@@ -1,7 +1,8 @@
 """Backbone + pool of PET blocks + the rule that weighs them per input.
 
 Routing rules:
-- ``attention``: SAPT's shared attention router (no task id, learned);
+- ``attention``: SAPT's shared attention router (no task id, learned; preset ``prototype`` or
+  ``paper``, see ``petmix.router``);
 - ``sum``: every block with weight 1 (IncLoRA, and single-block methods such as SeqLoRA);
 - ``task``: the true task's block only (PerTask references: the task id is given);
 - ``progressive``: blocks 1..t of task t, concatenated (Progressive Prompts: the task id is given);
@@ -23,7 +24,7 @@ from petmix.blocks.bitfit import BitFitPool
 from petmix.blocks.full import BackbonePool, FullConfig
 from petmix.blocks.lora import LoRAConfig, LoRAPool
 from petmix.blocks.prompt import PromptConfig, PromptPool
-from petmix.router import AttemptAttention, KeyQueryRouter, SharedAttentionRouter
+from petmix.router import AttemptAttention, KeyQueryRouter, SharedAttentionRouter, make_shared_router
 
 BlockConfig = LoRAConfig | PromptConfig | FullConfig | str  # "bitfit"
 
@@ -34,7 +35,8 @@ TASK_ID_ROUTINGS = ("task", "progressive", "attempt")
 class Mixture(nn.Module):
     def __init__(self, backbone: Backbone, blocks: BlockConfig, routing: str = "attention",
                  router_hidden: int = 100, seed: int = 0, top_k: int = 5, pool_size: int = 10,
-                 train_layer_norm: bool = True, token_level: bool = False, temperature: float | None = None):
+                 train_layer_norm: bool = True, token_level: bool = False, temperature: float | None = None,
+                 router_preset: str = "paper", router_temperature: float | None = None):
         super().__init__()
         self.pool_size = pool_size  # key-query routing (L2P): prompts in the shared pool
         if routing not in ROUTINGS:
@@ -55,7 +57,7 @@ class Mixture(nn.Module):
         self.routing = routing
         self.router: SharedAttentionRouter | KeyQueryRouter | AttemptAttention | None = None
         if routing == "attention":
-            self.router = SharedAttentionRouter(backbone.hidden_size, router_hidden)
+            self.router = make_shared_router(router_preset, backbone.hidden_size, router_hidden, router_temperature)
         elif routing == "key-query":
             self.router = KeyQueryRouter(backbone.hidden_size, top_k)
         elif routing == "attempt":
@@ -79,12 +81,26 @@ class Mixture(nn.Module):
         """Frozen source prompts at the front of the pool (ATTEMPT); 0 otherwise."""
         return getattr(self.pool, "num_sources", 0)
 
-    def add_task(self) -> int:
-        """A new block (and, with attention routing, its key). Returns the block index."""
+    def add_task(self, inputs: dict[str, torch.Tensor] | None = None) -> int:
+        """A new block (and, with attention routing, its key). Returns the block index.
+
+        ``inputs`` (``input_ids`` and ``source_mask`` of the new task's training prompts) let a router
+        that starts keys from the data (the prototype preset) place the new key."""
         i = self.pool.add_block()
-        if isinstance(self.router, (SharedAttentionRouter, KeyQueryRouter)):
+        if isinstance(self.router, SharedAttentionRouter):
+            features = None
+            if inputs is not None:
+                with torch.no_grad():
+                    features = self.router_features(inputs["input_ids"], inputs["source_mask"])
+            self.router.add_key(features)
+        elif isinstance(self.router, KeyQueryRouter):
             self.router.add_key()
         return i
+
+    def router_features(self, input_ids: torch.Tensor, source_mask: torch.Tensor) -> torch.Tensor:
+        """The shared attention's input feature of each prompt ``[B, d]`` (what reflection stores)."""
+        assert isinstance(self.router, SharedAttentionRouter)
+        return self.router.feature(self.backbone.embed(input_ids), source_mask)
 
     def weights_for(self, input_ids: torch.Tensor, source_mask: torch.Tensor,
                     task_index: int | torch.Tensor | None = None) -> torch.Tensor:
@@ -109,6 +125,11 @@ class Mixture(nn.Module):
         else:
             w[:, task_index] = 1.0
         return w
+
+    def weights_for_features(self, features: torch.Tensor) -> torch.Tensor:
+        """Shared-attention weights ``[B, n]`` of router input features (ARM's pseudo-features)."""
+        assert isinstance(self.router, SharedAttentionRouter)
+        return self.router.weights_from_features(features, self.num_blocks)
 
     def _attempt_weights(self, input_ids: torch.Tensor, source_mask: torch.Tensor,
                          task_index: int | torch.Tensor | None) -> torch.Tensor:

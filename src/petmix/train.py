@@ -25,15 +25,17 @@ from petmix.backbone import DEFAULT_MODEL, Backbone, load_backbone
 from petmix.blocks.full import FullConfig
 from petmix.blocks.lora import LoRAConfig
 from petmix.blocks.prompt import PromptConfig
-from petmix.data.collate import encode_answers, encode_prompts, training_batch
+from petmix.data.collate import encode_answers, encode_prompts, prompt_batch, training_batch
 from petmix.data.task import Example, Task
 from petmix.data.templates import format_prompt
 from petmix.errors import PetmixError
 from petmix.evaluate import GenerationConfig, evaluate_tasks
 from petmix.methods import Method, get_method
 from petmix.methods.base import StageHook, make_hooks
-from petmix.metrics import cl_metrics, single_row_metrics
+from petmix.methods.sapt import REPLAY_SOURCES
+from petmix.metrics import ROUTING_DEFINITION, cl_metrics, routing_accuracy, single_row_metrics
 from petmix.mixture import BlockConfig, Mixture
+from petmix.router import ROUTER_PRESETS
 from petmix.runs import read_json, save_tensors, write_json, write_jsonl
 from petmix.sources import export_prompt, find_source, resolve_sources
 
@@ -48,7 +50,7 @@ class TrainConfig:
     tasks: list[str] = field(default_factory=list)
     stream: str | None = None
     epochs: float = 1.0
-    lr: float = 3e-4
+    lr: float = 1e-3  # SmolLM2-135M's LoRA rate at CPU budgets (the paper: 3e-4 T5, 5e-5 LLaMA; configs/paper)
     batch_size: int = 8
     grad_accum: int = 1
     max_train: int | None = None
@@ -64,16 +66,23 @@ class TrainConfig:
     prompt_length: int = 10  # prompt methods: soft prompt tokens per block
     prompt_init: str = "vocab"  # "vocab" (random vocabulary embeddings) or a saved prompt (.safetensors)
     router_hidden: int = 100
+    # SAPT's shared attention: "prototype" (petmix's default: tells tasks apart at small budgets) or
+    # "paper" (SAPT as published); see petmix.router. None: the preset's temperature (0.05 / 1).
+    router: str = "prototype"
+    router_temperature: float | None = None
     eval_scope: str = "seen"  # "seen": tasks 1..t after stage t; "all": every task after every stage
     eval_batch_size: int = 16
     max_new_tokens: int = 50
     chat: bool = False
     checkpoint_every: int = 25  # optimiser steps between mid-stage checkpoints
     single_task_results: str | None = None
-    router_lr: float | None = None  # learning rate of the router (query projection, keys); default lr
+    router_lr: float | None = 1e-2  # learning rate of the router (query projection, keys); None: lr
     # SAPT's attentive reflection (ARM); used by methods with attention routing. 0 switches it off.
-    kl_ratio: float = 1.0
-    replay_source: str = "generated"  # "generated" (SAPT) or "real" (oracle: real stored inputs)
+    kl_ratio: float = 0.5
+    # Where ARM's pseudo-inputs come from: "features" (pseudo-features sampled from stored per-task
+    # statistics of the router's input feature: no examples kept, no generator), "generated" (SAPT's
+    # generative replay) or "real" (oracle: real stored inputs).
+    replay_source: str = "features"
     replay_batch_size: int = 8
     replay_every: int = 1  # micro-batches between reflection losses
     heldout_fraction: float = 0.1  # part of each task's train split held out (ARM targets); never test
@@ -142,7 +151,9 @@ class TrainConfig:
             (self.eval_scope in ("seen", "all"), "eval_scope must be 'seen' or 'all'"),
             (self.max_source_len >= 8 and self.max_target_len >= 2, "max lengths too small"),
             (self.kl_ratio >= 0, "kl_ratio must be >= 0"),
-            (self.replay_source in ("generated", "real"), "replay_source must be 'generated' or 'real'"),
+            (self.replay_source in REPLAY_SOURCES, f"replay_source must be one of {', '.join(REPLAY_SOURCES)}"),
+            (self.router in ROUTER_PRESETS, f"router must be one of {', '.join(ROUTER_PRESETS)}"),
+            (self.router_temperature is None or self.router_temperature > 0, "router_temperature must be > 0"),
             (self.replay_batch_size >= 1 and self.replay_every >= 1, "replay_batch_size and replay_every must be >= 1"),
             (0 < self.heldout_fraction < 1, "heldout_fraction must lie in (0, 1)"),
             (1 <= self.l2p_top_k <= self.l2p_pool_size, "l2p_top_k must lie in 1..l2p_pool_size"),
@@ -174,6 +185,20 @@ class TrainConfig:
 def stages_wall_seconds(stages: list[dict[str, Any]]) -> float:
     """A run's time: training, between-task work (e.g. ARM's generators) and evaluation of every stage."""
     return round(sum(s.get("train_s", 0) + s.get("replay_s", 0) + s.get("eval_s", 0) for s in stages), 1)
+
+
+def routing_summary(rows: list[dict[str, Any]], names: list[str]) -> dict[str, Any]:
+    """Routing accuracy per stage and task (``per_stage[i][j]``, None where task j was not evaluated),
+    and its mean over the tasks of the last stage (``final``), with the mean own-block weight."""
+    def table(key: str) -> list[list[float | None]]:
+        return [[(r.get("routing") or {}).get(n, {}).get(key) for n in names] for r in rows]
+
+    acc, own = table("accuracy"), table("own_weight")
+    last_acc = [v for v in (acc[-1] if acc else []) if v is not None]
+    last_own = [v for v in (own[-1] if own else []) if v is not None]
+    return {"definition": ROUTING_DEFINITION, "per_stage": acc, "own_weight_per_stage": own,
+            "final": round(sum(last_acc) / len(last_acc), 4) if last_acc else None,
+            "final_own_weight": round(sum(last_own) / len(last_own), 6) if last_own else None}
 
 
 def block_config(cfg: TrainConfig, method: Method, sources: list[Path] | None = None) -> BlockConfig:
@@ -218,7 +243,8 @@ class Trainer:
         self.mix = Mixture(self.backbone, block_config(cfg, self.method, self.sources), self.method.routing,
                            cfg.router_hidden, cfg.seed, top_k=cfg.l2p_top_k, pool_size=cfg.l2p_pool_size,
                            train_layer_norm=cfg.attempt_train_layer_norm, token_level=cfg.attempt_token_level,
-                           temperature=cfg.attempt_temperature)
+                           temperature=cfg.attempt_temperature, router_preset=cfg.router,
+                           router_temperature=cfg.router_temperature)
         self.trainable_count = 0  # parameters the latest stage trained (reported per task)
         self.stages_info: dict[int, dict[str, Any] | None] = {}
         # Which examples the current micro-batch holds, for hooks whose loss needs it (LwF).
@@ -236,7 +262,7 @@ class Trainer:
         resolved = {**dataclasses.asdict(self.cfg), "tasks": [t.name for t in self.tasks]}
         cfg_path = self.out / "config.json"
         if cfg_path.exists():
-            old = read_json(cfg_path)
+            old = {"router": "paper", **read_json(cfg_path)}  # runs from before the presets used the paper's
             ignore = {"single_task_results", "checkpoint_every", "eval_batch_size"}
             # Keys an older petmix did not write were at their defaults then: only recorded keys count.
             diff = sorted(k for k in resolved if k not in ignore and k in old and old[k] != resolved[k])
@@ -333,7 +359,10 @@ class Trainer:
         prompt_ids, answer_ids = self.encode(examples, stage_tasks, owners)
 
         if resume is None:
-            trainable = self.method.begin_task(self.mix, stage, len(stage_tasks))
+            # The stage's training prompts, for a router that starts the new key at their prototype.
+            inputs = prompt_batch(self.backbone.tokenizer, prompt_ids, left=False)
+            inputs = {k: v.to(acc.device) for k, v in inputs.items() if k in ("input_ids", "source_mask")}
+            trainable = self.method.begin_task(self.mix, stage, len(stage_tasks), inputs)
         else:  # blocks already restored from the checkpoint: only re-select what trains
             trainable = self.method.select_trainable(self.mix)
         self.trainable_count = sum(p.numel() for p in trainable)
@@ -491,6 +520,7 @@ class Trainer:
             "sources": getattr(self.mix.pool, "source_names", None) or [p.stem for p in self.sources] or None,
             "model": self.backbone.describe(),
             "wall_s": stages_wall_seconds(rows),
+            "routing_accuracy": routing_summary(rows, names) if self.method.routes_per_task else None,
         }
         write_json(self.out / "results.json", payload)
         return payload
@@ -539,8 +569,13 @@ class Trainer:
         stage_name = "joint" if self.method.joint else self.stages[stage][0].name
         self.stages_info[stage] = info
         info = info or {"train_s": 0.0, "steps": None, "mean_loss": None, "train_router_weights": None}
-        rows.append({"name": stage_name, **info, "eval_s": eval_s,
-                     "scores": {n: r["score"] for n, r in results.items()}})
+        row = {"name": stage_name, **info, "eval_s": eval_s, "scores": {n: r["score"] for n, r in results.items()}}
+        if self.method.routes_per_task:  # the block of task j is block j: did the router pick it?
+            names = [t.name for t in self.tasks]
+            row["routing"] = {n: routing_accuracy([rec.get("router_weights") for rec in r["records"]],
+                                                  self.mix.num_sources + names.index(n))
+                              for n, r in results.items()}
+        rows.append(row)
         write_json(self.out / "stages.json", rows)
         self._write_results(rows)
         for name, res in results.items():  # the latest stage's predictions, where users look first

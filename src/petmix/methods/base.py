@@ -58,12 +58,19 @@ class Method:
     paper: str = ""
 
     @property
+    def routes_per_task(self) -> bool:
+        """A router picks among one block per task with no task id: routing accuracy applies."""
+        return self.routing == "attention" and self.new_block_per_task and not self.joint
+
+    @property
     def task_id_at_test(self) -> bool:
         return self.routing in TASK_ID_ROUTINGS or self.independent
 
-    def begin_task(self, mix: Mixture, task_index: int, n_tasks: int = 1) -> list[nn.Parameter]:
+    def begin_task(self, mix: Mixture, task_index: int, n_tasks: int = 1,
+                   inputs: dict[str, torch.Tensor] | None = None) -> list[nn.Parameter]:
         """Add this task's block (if the method does), freeze everything else, return what trains.
-        ``n_tasks``: tasks in the stage (a joint stage of ATTEMPT-m gets one target prompt per task)."""
+        ``n_tasks``: tasks in the stage (a joint stage of ATTEMPT-m gets one target prompt per task);
+        ``inputs``: the task's training prompts, for routers that place a new key from the data."""
         trained = mix.num_blocks - mix.num_sources
         if self.routing == "key-query":  # L2P: the whole pool exists from the start and is shared
             while mix.num_blocks < mix.pool_size:
@@ -72,7 +79,7 @@ class Method:
             while mix.num_blocks - mix.num_sources < n_tasks:
                 mix.add_task()
         elif self.new_block_per_task or trained == 0:
-            mix.add_task()
+            mix.add_task(inputs)
         elif self.independent and isinstance(mix.pool, BackbonePool):
             mix.pool.reset()  # full-ft, bitfit: each task starts from the pretrained weights
         if self.independent and isinstance(mix.router, AttemptAttention):
@@ -214,7 +221,7 @@ def make_hooks(method: Method, trainer: Trainer) -> list[StageHook]:
             cfg = trainer.cfg
             if cfg.kl_ratio > 0:  # kl_ratio 0 switches SAPT's reflection off
                 hooks.append(AttentiveReflection(trainer.out, cfg.kl_ratio, cfg.replay_source,
-                                                 cfg.replay_batch_size, cfg.replay_every))
+                                                 cfg.replay_batch_size, cfg.replay_every, cfg.seed))
         elif name == "orthogonality":
             from petmix.methods.baselines import OrthogonalLoRA
 

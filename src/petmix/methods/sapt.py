@@ -6,8 +6,10 @@ router and ``kl_ratio * KL(target_j || current)`` is added to the loss, the targ
 zeros for tasks j+1..t. Only the query projection and the current key can receive this gradient:
 the LoRA blocks are not on the path, and earlier keys are frozen.
 
-Pseudo-inputs come from a per-task generator (``replay_source="generated"``) or, as a clearly
-labelled oracle variant, from real training inputs (``replay_source="real"``).
+Pseudo-inputs come from stored statistics of the router's input feature (``replay_source="features"``,
+petmix's default: pseudo-features, see ``petmix.replay.features``), from a per-task generator
+(``replay_source="generated"``, the paper's generative replay) or, as a clearly labelled oracle variant,
+from real training inputs (``replay_source="real"``).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from petmix.data.task import Example, Task
 from petmix.data.templates import format_prompt
 from petmix.methods.base import StageHook
 from petmix.mixture import Mixture
+from petmix.replay.features import FeatureStats
 from petmix.runs import read_json, write_json
 
 if TYPE_CHECKING:
@@ -34,7 +37,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-REPLAY_SOURCES = ("generated", "real")
+REPLAY_SOURCES = ("features", "generated", "real")
 
 
 def padded_target(target: list[float], num_tasks: int) -> torch.Tensor:
@@ -55,10 +58,13 @@ class AttentiveReflection(StageHook):
 
     name = "reflection"
 
-    def __init__(self, run_dir: Path, kl_ratio: float, replay_source: str, batch_size: int, every: int):
+    def __init__(self, run_dir: Path, kl_ratio: float, replay_source: str, batch_size: int, every: int,
+                 seed: int = 0):
         if replay_source not in REPLAY_SOURCES:
             raise ValueError(f"replay_source must be one of {REPLAY_SOURCES}")
         self.dir = Path(run_dir)
+        self.seed = seed
+        self.features = FeatureStats(self.dir / "arm_features.safetensors") if replay_source == "features" else None
         self.kl_ratio = kl_ratio
         self.replay_source = replay_source
         self.batch_size = batch_size
@@ -74,10 +80,13 @@ class AttentiveReflection(StageHook):
         if state.is_file():
             saved = read_json(state)
             self.targets, self.pools = saved["targets"], saved["pools"]
+        if self.features is not None:
+            self.features.reload()
 
     @property
     def label(self) -> str:
-        return "ARM (real inputs: oracle)" if self.replay_source == "real" else "ARM (generated inputs)"
+        return {"real": "ARM (real inputs: oracle)", "generated": "ARM (generated inputs)",
+                "features": "ARM (feature statistics)"}[self.replay_source]
 
     def _save(self) -> None:
         write_json(self.dir / "arm.json", {"kl_ratio": self.kl_ratio, "replay_source": self.replay_source,
@@ -119,11 +128,15 @@ class AttentiveReflection(StageHook):
         return self._route_ids(mix, self._encode(mix, task, inputs, max_source_len, chat), n)
 
     @staticmethod
-    def _route_ids(mix: Mixture, ids: list[list[int]], n: int) -> torch.Tensor:
+    def _batch(mix: Mixture, ids: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
         batch = prompt_batch(mix.backbone.tokenizer, ids, left=False)
         input_ids = batch["input_ids"].to(mix.backbone.device)
-        assert mix.router is not None
-        return mix.router(mix.backbone.embed(input_ids), batch["source_mask"].to(input_ids.device), n)
+        return input_ids, batch["source_mask"].to(input_ids.device)
+
+    @classmethod
+    def _route_ids(cls, mix: Mixture, ids: list[list[int]], n: int) -> torch.Tensor:
+        assert n == mix.num_blocks
+        return mix.weights_for(*cls._batch(mix, ids))
 
     # ---- the hook ---------------------------------------------------------------------------------
     def prepare_stage(self, trainer: Trainer, stage: int) -> None:
@@ -152,6 +165,14 @@ class AttentiveReflection(StageHook):
             return info
         started = time.time()
         gcfg = cfg.generator_config()
+        if self.replay_source == "features":
+            assert self.features is not None
+            ids = self._encode(trainer.mix, task, [ex.input for ex in trainer.splits[task.name][0]],
+                               cfg.max_source_len, cfg.chat)
+            with torch.no_grad():
+                self.features.store(task.name, trainer.mix.router_features(*self._batch(trainer.mix, ids)))
+            info.update(replay_features=len(ids), replay_s=round(time.time() - started, 1))
+            return info
         if self.replay_source == "real":
             inputs = self.real_inputs(task, keep_count(gcfg, len(task.train)), cfg.seed)
             details: dict[str, Any] = {"kept": len(inputs)}
@@ -166,6 +187,9 @@ class AttentiveReflection(StageHook):
     def prepare(self, mix: Mixture, earlier: list[Task], max_source_len: int, chat: bool) -> None:
         """Tokenise the pseudo-inputs of the earlier tasks once per stage."""
         self._encoded = {}
+        if self.features is not None:  # pseudo-features need no tokenising: only their order is kept
+            self._encoded = {t.name: [] for t in earlier if t.name in self.features and t.name in self.targets}
+            return
         for task in earlier:
             pool = self.pools.get(task.name) or []
             if pool and task.name in self.targets:
@@ -177,10 +201,15 @@ class AttentiveReflection(StageHook):
             return None
         n = mix.num_blocks
         total = None
-        for name, ids in self._encoded.items():
-            start = (micro_batch // self.every * self.batch_size) % len(ids)  # deterministic cycling
-            chosen = [ids[(start + k) % len(ids)] for k in range(min(self.batch_size, len(ids)))]
-            current = self._route_ids(mix, chosen, n)
+        for j, (name, ids) in enumerate(self._encoded.items()):
+            if self.features is not None:  # fresh draws each step, the same ones on resume
+                seed = self.seed * 1_000_003 + micro_batch * 101 + j
+                pseudo = self.features.sample(name, self.batch_size, seed).to(mix.backbone.device)
+                current = mix.weights_for_features(pseudo)
+            else:
+                start = (micro_batch // self.every * self.batch_size) % len(ids)  # deterministic cycling
+                chosen = [ids[(start + k) % len(ids)] for k in range(min(self.batch_size, len(ids)))]
+                current = self._route_ids(mix, chosen, n)
             kl = reflection_kl(current, padded_target(self.targets[name], n))
             total = kl if total is None else total + kl
         return None if total is None else self.kl_ratio * total
