@@ -82,6 +82,25 @@ class TrainedModel:
         return [Answer(t, dict(zip(self.block_names, w)) if w else None) for t, w in zip(texts, weights or [None] * len(texts))]
 
 
+    def route(self, prompts: list[str], task: str | None = None) -> list[dict[str, float]]:
+        """The router's weights for full prompts, without generating (the same call evaluation makes)."""
+        from petmix.data.collate import encode_prompts, prompt_batch
+
+        index = self.tasks.index(task) if task is not None and self.method.task_id_at_test else None
+        tok, bs = self.backbone.tokenizer, self.config["eval_batch_size"]
+        ids = encode_prompts(tok, [self.backbone.render(p, self.config["chat"]) for p in prompts],
+                             self.config["max_source_len"])
+        rows: list[dict[str, float]] = []
+        with torch.no_grad():
+            for start in range(0, len(ids), bs):
+                batch = prompt_batch(tok, ids[start:start + bs], left=not self.backbone.is_seq2seq)
+                batch = {k: v.to(self.backbone.device) for k, v in batch.items()}
+                _, weights = self.mix.prepare_fn(index)(batch)
+                rows += [dict(zip(self.block_names, (round(float(x), 6) for x in w))) for w in weights]
+        self.mix.clear_weights()
+        return rows
+
+
 def load(run_dir: str | Path, model: str | None = None) -> TrainedModel:
     """Load a finished run's model; ``model`` overrides the backbone path recorded in the run."""
     return TrainedModel(run_dir, model)

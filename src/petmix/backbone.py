@@ -116,6 +116,16 @@ class Backbone:
         }
 
 
+def cpu_has_fast_bf16() -> bool:
+    """Whether this CPU multiplies bf16 matrices in hardware (AVX512-BF16 or AMX). Without it, PyTorch's
+    bf16 matmul falls back to a slow path: measured on a 2-core AVX2 EPYC, 7x slower than fp32."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text(errors="replace")
+    except OSError:
+        return True  # not Linux: nothing to tell
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
 def resolve_model_path(name_or_path: str) -> Path | str:
     """A local directory of HF weights for a path or a packaged alias (converting once); any other
     name is passed on to transformers as is (a hub id, where the machine can reach a hub)."""

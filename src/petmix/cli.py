@@ -130,12 +130,17 @@ TRAIN_FLAGS: list[tuple[str, Any, str]] = [
     ("--lora-dropout", float, "LoRA dropout"),
     ("--target-modules", str, "comma-separated module names to put LoRA on (default q and v projections)"),
     ("--router-hidden", int, "hidden size of the router's query projection"),
-    ("--router-lr", float, "learning rate of the router (default: --lr)"),
+    ("--router", str, "SAPT's shared attention: prototype (default: tells tasks apart at small budgets) or "
+                      "paper (SAPT as published)"),
+    ("--router-temperature", float, "softmax temperature of the shared attention (default: the preset's, "
+                                    "0.05 prototype / 1 paper)"),
+    ("--router-lr", float, "learning rate of the router (default 0.01)"),
     ("--prompt-length", int, "prompt methods: soft prompt tokens per block"),
     ("--prompt-init", str, "prompt methods: vocab (random vocabulary embeddings), a saved prompt .safetensors, "
                            "or the task name of a source prompt (with --sources)"),
     ("--kl-ratio", float, "SAPT's attentive reflection weight (0 switches ARM off)"),
-    ("--replay-source", str, "ARM pseudo-inputs: generated (SAPT) or real (oracle: real stored inputs)"),
+    ("--replay-source", str, "ARM pseudo-inputs: features (default: drawn from stored per-task statistics of the "
+                             "router's feature), generated (SAPT's generator) or real (oracle: real stored inputs)"),
     ("--replay-batch-size", int, "pseudo-inputs per earlier task per reflection step"),
     ("--replay-every", int, "micro-batches between reflection losses"),
     ("--heldout-fraction", float, "part of each task's train split held out (ARM targets)"),

@@ -21,7 +21,7 @@ import torch
 from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
-from petmix.backbone import DEFAULT_MODEL, Backbone, load_backbone
+from petmix.backbone import DEFAULT_MODEL, Backbone, cpu_has_fast_bf16, load_backbone
 from petmix.blocks.full import FullConfig
 from petmix.blocks.lora import LoRAConfig
 from petmix.blocks.prompt import PromptConfig
@@ -232,6 +232,9 @@ class Trainer:
         self.out = Path(out)
         self.method: Method = get_method(cfg.method)
         self.accelerator = Accelerator(mixed_precision="bf16" if cfg.bf16 else "no")
+        if cfg.bf16 and self.accelerator.device.type == "cpu" and not cpu_has_fast_bf16():
+            log.warning("bf16 on a CPU without AVX512-BF16 or AMX: PyTorch's bf16 matmuls are several times "
+                        "slower than fp32 here; run without bf16")
         # Data parallel under `accelerate launch`: each process takes a slice of every micro-batch,
         # gradients are averaged before each step, and only the main process evaluates and writes.
         self.main = self.accelerator.is_main_process

@@ -1,0 +1,51 @@
+"""Routing accuracy of a finished run on its own test inputs, with and without the task definitions.
+
+The harder check of docs/results.md: the router is a learned function of the input's features, so it
+should still find the task when the definition (the instruction text every input of a task shares) is
+left out of the prompt. Usage:
+
+    .venv/bin/python benchmarks/routing_check.py runs/bench/superni5/sapt-lora [more runs...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+
+import petmix
+from petmix.data.loaders import load_tasks
+from petmix.data.templates import format_prompt
+from petmix.metrics import routing_accuracy
+
+
+def check(run: str) -> dict[str, dict[str, float | None]]:
+    model = petmix.load(run)
+    cfg = model.config
+    tasks = load_tasks(cfg["tasks"], cfg.get("data"), max_train=cfg.get("max_train"), max_test=cfg.get("max_test"),
+                       seed=cfg.get("seed", 0))
+    out: dict[str, dict[str, float | None]] = {}
+    for variant in ("with definition", "without definition"):
+        accs, owns = [], []
+        for j, task in enumerate(tasks):
+            shown = task if variant == "with definition" else dataclasses.replace(task, definition="")
+            rows = model.route([format_prompt(shown, ex.input) for ex in task.test])
+            got = routing_accuracy([[r[name] for name in model.block_names] for r in rows], j)
+            accs.append(got["accuracy"])
+            owns.append(got["own_weight"])
+        out[variant] = {"routing_accuracy": round(sum(accs) / len(accs), 2),
+                        "own_weight": round(sum(owns) / len(owns), 4),
+                        "per_task": dict(zip(cfg["tasks"], accs))}
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("runs", nargs="+")
+    args = parser.parse_args()
+    for run in args.runs:
+        print(json.dumps({"run": run, **check(run)}))
+
+
+if __name__ == "__main__":
+    main()
