@@ -38,14 +38,46 @@ STREAMS = {
 
 
 @torch.no_grad()
-def features(backbone, router, task, examples, definition: bool, max_len: int) -> torch.Tensor:
+def features(backbone, router, task, examples, definition: bool, max_len: int, pool: str = "max") -> torch.Tensor:
     shown = task if definition else dataclasses.replace(task, definition="")
     ids = encode_prompts(backbone.tokenizer, [format_prompt(shown, ex.input) for ex in examples], max_len)
     out = []
     for start in range(0, len(ids), 32):
         batch = prompt_batch(backbone.tokenizer, ids[start:start + 32], left=False)
-        out.append(router.feature(backbone.embed(batch["input_ids"]), batch["source_mask"]))
+        embeds, mask = backbone.embed(batch["input_ids"]).float(), batch["source_mask"]
+        if pool == "max":
+            out.append(router.feature(embeds, mask))
+        else:  # mean over the prompt's tokens: a variant measured against max pooling
+            m = mask.float().unsqueeze(-1)
+            out.append((embeds * m).sum(1) / m.sum(1))
     return torch.cat(out)
+
+
+@torch.no_grad()
+def variants(backbone, tasks, args) -> str:
+    """Why the prototype preset looks as it does: the alternatives it was measured against."""
+    d, nz = backbone.hidden_size, torch.nn.functional.normalize
+    cells = []
+    for pool in ("max", "mean"):
+        torch.manual_seed(0)
+        proto, paper = make_shared_router("prototype", d), make_shared_router("paper", d)
+        train = [features(backbone, proto, t, t.train[: args.n_train], True, args.max_len, pool) for t in tasks]
+        test = [features(backbone, proto, t, t.test, True, args.max_len, pool) for t in tasks]
+        x = torch.cat(test)
+        owners = torch.cat([torch.full((len(f),), j) for j, f in enumerate(test)])
+        centroids = torch.stack([f.mean(0) for f in train])
+        n = len(train)
+        cos = (nz(centroids, dim=-1) @ nz(centroids, dim=-1).t())[~torch.eye(n, dtype=torch.bool)].mean()
+        for f in train:
+            proto.add_key(f)
+        acc, own = summarise(proto.weights_from_features(x), owners)
+        # The paper's random query projection, with keys at the projected prototypes and its dot product.
+        keys = torch.stack([paper.project(f).float().mean(0) for f in train])
+        w = torch.softmax(paper.project(x).float() @ keys.t() / d ** 0.5, dim=-1)
+        p_acc, p_own = summarise(w, owners)
+        cells.append(f"{pool}: centroid cosine {cos:.3f}; prototype preset {acc:.1f} ({own:.2f}); "
+                     f"paper projection + prototype keys + dot {p_acc:.1f} ({p_own:.2f})")
+    return "; ".join(cells)
 
 
 def summarise(weights: torch.Tensor, owners: torch.Tensor) -> tuple[float, float]:
@@ -71,8 +103,10 @@ def main() -> None:
           "prototype at init: routing % (own weight) | prototype, pseudo-features: routing % | "
           "max diff of mean weights, pseudo vs real |")
     print("|---|---|---|---|---|---|---|")
+    notes = []
     for name, specs in STREAMS.items():
         tasks = load_tasks(specs, args.data, max_train=4 * args.n_train, max_test=args.max_test, seed=0)
+        notes.append(f"- {name}, definitions in the prompts: {variants(backbone, tasks, args)}")
         # (definitions in the training prompts that place the keys, in the test prompts)
         for key_def, test_def in ((True, True), (True, False), (False, False)):
             torch.manual_seed(0)
@@ -102,6 +136,8 @@ def main() -> None:
                      (False, False): "in neither"}[key_def, test_def]
             print(f"| {name} | {shown} | {nearest:.1f} | {p_acc:.1f} ({p_own:.2f}) | "
                   f"{q_acc:.1f} ({q_own:.2f}) | {s_acc:.1f} | {diff:.3f} |", flush=True)
+    print("\nVariants (routing % (own weight) at initialisation, max or mean pooling):\n")
+    print("\n".join(notes))
 
 
 if __name__ == "__main__":
