@@ -2,7 +2,8 @@
 
 Commands: train (a task stream with a method), compare (several methods, one table), eval (zero-shot),
 report (matrix, metrics, heatmaps of a run), predict (answer with a trained run), sources (train and
-list a library of source prompts for ATTEMPT and SPoT). See README.md.
+list a library of source prompts for ATTEMPT and SPoT), export (a run's LoRA blocks as PEFT adapters).
+See README.md.
 """
 
 from __future__ import annotations
@@ -171,6 +172,9 @@ TRAIN_FLAGS: list[tuple[str, Any, str]] = [
     ("--max-new-tokens", int, "generation length cap"),
     ("--checkpoint-every", int, "optimiser steps between mid-stage checkpoints"),
     ("--single-task-results", str, "a per-task-lora run (or its results.json) giving the single-task scores for FWT"),
+    ("--import-adapters", str, "PEFT LoRA adapters as frozen blocks, one per task: task=FOLDER,task=FOLDER "
+                               "(the task's stage then trains only the router)"),
+    ("--import-examples", int, "train examples per imported task that teach the router (default 32)"),
 ]
 
 
@@ -206,13 +210,18 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     cfg = _train_config(args)
     out = Path(args.out)
+    backbone = None
+    if cfg.import_adapters:  # refuse unusable adapters before the run directory exists
+        from petmix.peft_io import preflight_imports
+
+        backbone = preflight_imports(cfg)
     setup_logging(out, args.verbose)
     specs = cfg.tasks or resolve_stream(cfg.stream or "default")
     tasks = load_tasks(specs, cfg.data, max_train=cfg.max_train, max_test=cfg.max_test, seed=cfg.seed)
     for t in tasks:
         for note in t.notes:
             log.info("%s: %s", t.name, note)
-    trainer = Trainer(cfg, tasks, out)
+    trainer = Trainer(cfg, tasks, out, backbone=backbone)
     trainer.run()
     if not trainer.main:  # under `accelerate launch`, the main process reports
         return 0
@@ -337,6 +346,14 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from petmix.peft_io import export_run
+
+    for path in export_run(args.run, args.to, overwrite=args.overwrite):
+        print(f"wrote {path}")
+    return 0
+
+
 def _add_train_flags(p: argparse.ArgumentParser, with_method: bool = True) -> None:
     """Training settings: flags left out keep the config file's value (or the default)."""
     p.add_argument("--config", help="YAML file with the same keys as the flags (flags override it)")
@@ -396,6 +413,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--template", help="superni, long or plain (default: the run's)")
     p.add_argument("--raw", action="store_true", help="inputs are complete prompts; no template")
     p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("export", help="a run's LoRA blocks as PEFT adapters (DIR/<task>/), its router and a model card")
+    p.add_argument("run")
+    p.add_argument("--to", required=True, help="folder to write (must be new or empty)")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --to folder")
+    p.set_defaults(func=cmd_export)
     return parser
 
 

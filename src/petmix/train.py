@@ -35,6 +35,7 @@ from petmix.methods.base import StageHook, make_hooks
 from petmix.methods.sapt import REPLAY_SOURCES
 from petmix.metrics import ROUTING_DEFINITION, cl_metrics, routing_accuracy, single_row_metrics
 from petmix.mixture import BlockConfig, Mixture
+from petmix.peft_io import read_run_imports, use_imported_block
 from petmix.router import ROUTER_PRESETS
 from petmix.runs import read_json, save_tensors, write_json, write_jsonl
 from petmix.sources import export_prompt, find_source, resolve_sources
@@ -115,6 +116,10 @@ class TrainConfig:
     attempt_train_layer_norm: bool = True  # ATTEMPT: train G's LayerNorm (the reference code leaves it frozen)
     attempt_temperature: float | None = None  # ATTEMPT: softmax temperature; default d * e (the paper's)
     spot_probe_steps: int = 10  # SPoT: steps of the probe prompt that picks the source
+    # PEFT LoRA adapters as frozen blocks (petmix.peft_io): "task=FOLDER" each; the task's stage then
+    # trains only what selects its block (the router), on at most import_examples of its train examples.
+    import_adapters: list[str] = field(default_factory=list)
+    import_examples: int = 32
 
     @classmethod
     def from_dict(cls, values: dict[str, Any], source: str = "config") -> TrainConfig:
@@ -127,6 +132,8 @@ class TrainConfig:
             values["tasks"] = [t.strip() for t in values["tasks"].split(",") if t.strip()]
         if isinstance(values.get("sources"), str):
             values["sources"] = [t.strip() for t in values["sources"].split(",") if t.strip()]
+        if isinstance(values.get("import_adapters"), str):
+            values["import_adapters"] = [t.strip() for t in values["import_adapters"].split(",") if t.strip()]
         if isinstance(values.get("target_modules"), str):
             values["target_modules"] = [t.strip() for t in values["target_modules"].split(",") if t.strip()]
         for f in dataclasses.fields(cls):  # YAML 1.1 reads "3e-4" as a string: numbers are meant
@@ -259,6 +266,7 @@ class Trainer:
         self.splits = {t.name: t.heldout_split(cfg.heldout_fraction, cfg.seed, cfg.heldout_max)
                        if len(t.train) > 1 else (t.train, t.train) for t in tasks}
         self.hooks = make_hooks(self.method, self)
+        self.imported = read_run_imports(cfg, self.method, self.backbone, self.mix, [t.name for t in tasks])
 
     # ---- run directory -------------------------------------------------------------------
     def _check_run_dir(self) -> dict[str, Any]:
@@ -359,6 +367,9 @@ class Trainer:
         owners = [i for i, t in enumerate(stage_tasks) for _ in self.splits[t.name][0]]
         if not examples:
             raise PetmixError(f"task {stage_tasks[0].name}: no training examples")
+        imported = self.imported.get(stage_tasks[0].name) if len(stage_tasks) == 1 else None
+        if imported is not None:  # a frozen PEFT block: a few examples teach the router to select it
+            examples, owners = examples[: cfg.import_examples], owners[: cfg.import_examples]
         prompt_ids, answer_ids = self.encode(examples, stage_tasks, owners)
 
         if resume is None:
@@ -368,8 +379,10 @@ class Trainer:
             trainable = self.method.begin_task(self.mix, stage, len(stage_tasks), inputs)
         else:  # blocks already restored from the checkpoint: only re-select what trains
             trainable = self.method.select_trainable(self.mix)
+        if imported is not None:
+            trainable = use_imported_block(self.mix, imported, trainable, load=resume is None)
         self.trainable_count = sum(p.numel() for p in trainable)
-        optimizer = self._optimizer(trainable)
+        optimizer = self._optimizer(trainable) if trainable else None
         progress = {"stage": stage, "epoch": 0, "batch": 0, "step": 0, "stage_done": False, "evaluated": False}
         if resume is not None:
             progress, tensors, meta = resume
@@ -377,7 +390,7 @@ class Trainer:
                 self._load_optimizer(optimizer, tensors, meta)
             torch.set_rng_state(tensors["rng.torch"])
         n_batches = math.ceil(len(examples) / cfg.batch_size)
-        total_batches = max(1, round(cfg.epochs * n_batches))
+        total_batches = max(1, round(cfg.epochs * n_batches)) if trainable else 0
         total_steps = math.ceil(total_batches / cfg.grad_accum)
         name = "+".join(t.name for t in stage_tasks) if len(stage_tasks) <= 2 else f"{len(stage_tasks)} tasks (joint)"
         bar = tqdm(total=total_steps, initial=progress["step"], desc=f"stage {stage + 1}/{len(self.stages)} {name}",

@@ -89,6 +89,7 @@ class LoRAPool:
         self.cfg = cfg
         self.mix = MixWeights()
         targets = cfg.target_modules or DEFAULT_TARGETS[family]
+        self.targets = list(targets)
         self.layers: dict[str, PooledLoRALinear] = {}
         for name, module in list(model.named_modules()):
             for child_name, child in list(module.named_children()):
@@ -107,6 +108,23 @@ class LoRAPool:
         for layer in self.layers.values():
             layer.add_block()
         return self.num_blocks - 1
+
+    def load_block(self, i: int, tensors: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Set block ``i`` to given weights: ``{layer name: (A [r, in], B [out, r])}`` at the pool's rank
+        and scaling (see petmix.peft_io for converting other ranks and scalings). Layers not named get a
+        zero block, so an adapter on fewer modules than the pool adds nothing there."""
+        unknown = sorted(set(tensors) - set(self.layers))
+        if unknown:
+            raise KeyError(f"no pooled LoRA layer named {unknown[:3]}")
+        with torch.no_grad():
+            for name, layer in self.layers.items():
+                if name in tensors:
+                    a, b = tensors[name]
+                    layer.lora_A[i].copy_(a)
+                    layer.lora_B[i].copy_(b)
+                else:
+                    layer.lora_A[i].zero_()
+                    layer.lora_B[i].zero_()
 
     def block_parameters(self, i: int) -> list[nn.Parameter]:
         return [p for layer in self.layers.values() for p in (layer.lora_A[i], layer.lora_B[i])]
