@@ -171,7 +171,7 @@ def model_card(config: dict[str, Any], results: dict[str, Any] | None, method: A
     lines = [f"# petmix run: {method.name}", "",
              f"- **Base model:** `{config['model']}`",
              f"- **Method:** {method.name}: {method.summary}" + (f" ({method.paper})" if method.paper else ""),
-             f"- **Tasks, in training order:** " + ", ".join(f"`{t}`" for t in tasks)]
+             "- **Tasks, in training order:** " + ", ".join(f"`{t}`" for t in tasks)]
     if has_lora:
         lines.append(f"- **LoRA:** rank {r}, alpha {alpha:g} (scaling {alpha / r:g}), on {targets}")
     lines += ["", "## Files", ""]
