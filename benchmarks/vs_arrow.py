@@ -157,7 +157,7 @@ def main() -> None:
     parser.add_argument("--top-k", default="1,2,3", help="Arrow's top_k values")
     parser.add_argument("--set", action="append", help="key=value for both training runs (repeatable)")
     parser.add_argument("--router-set", action="append", default=[],
-                        help="key=value for the router run only (default: replay_source=real)")
+                        help="key=value for the router run only (default: petmix's defaults: prototype router, feature reflection)")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     out = Path(args.out)
@@ -175,7 +175,7 @@ def main() -> None:
     adapters = out / "adapters"
     export_run(per_task, adapters, overwrite=True)
     # 2. petmix's router over the imported adapters (only the router trains)
-    router_values = {"replay_source": "real"}
+    router_values: dict[str, object] = {}
     for item in args.router_set:
         key, _, value = item.partition("=")
         router_values[key.replace("-", "_")] = yaml.safe_load(value)
