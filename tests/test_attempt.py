@@ -276,3 +276,21 @@ def test_attempt_temperature_option_sharpens_the_attention():
     sharp.load_state_dict(paper.state_dict())
     a, b = paper(embeds, mask, sources, targets), sharp(embeds, mask, sources, targets)
     assert b.max() > a.max() and torch.equal(a.argmax(1), b.argmax(1))
+
+
+def test_attempt_m_trains_every_task_target_prompt(tiny_llama_path, source_files, tmp_path):
+    """The joint stage mixes tasks in a batch: each input must train its own task's target prompt (an
+    earlier trainer passed the stage's index, 0, which overrode the per-input ids: only task 0's prompt
+    learned, from every task's examples, and the others were scored with untrained prompts)."""
+    lib, _ = source_files
+    cfg = TrainConfig(method="attempt-m", model=str(tiny_llama_path), batch_size=6, lr=5e-2, max_new_tokens=2,
+                      sources=[str(lib)])
+    tasks = make_tasks(3)
+    fresh = Trainer(cfg, tasks, tmp_path / "fresh")
+    fresh.method.begin_task(fresh.mix, 0, len(tasks))
+    m = fresh.mix.num_sources
+    before = [fresh.mix.pool.prompts[m + k].detach().clone() for k in range(len(tasks))]
+    Trainer(cfg, tasks, tmp_path / "m").run()
+    after = load_file(tmp_path / "m" / "adapters.safetensors")
+    for k in range(len(tasks)):
+        assert not torch.allclose(after[f"prompt.{m + k}"], before[k]), f"target prompt of task {k} did not train"

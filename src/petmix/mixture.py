@@ -39,6 +39,7 @@ class Mixture(nn.Module):
                  router_preset: str = "paper", router_temperature: float | None = None):
         super().__init__()
         self.pool_size = pool_size  # key-query routing (L2P): prompts in the shared pool
+        self.seed = seed  # the run's seed: blocks and routers initialised later derive theirs from it
         if routing not in ROUTINGS:
             raise ValueError(f"routing must be one of {ROUTINGS}, not {routing!r}")
         self.backbone = backbone
@@ -156,7 +157,7 @@ class Mixture(nn.Module):
     def forward(self, batch: dict[str, torch.Tensor], task_index: int | torch.Tensor | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor]:
         """Training loss on answer tokens, and the weights used (as ``reported_weights``)."""
-        if task_index is None and "task_ids" in batch:
+        if "task_ids" in batch:  # per-input task ids (ATTEMPT-m's mixed batches) beat one index for the batch
             task_index = batch["task_ids"]
         weights = self.weights_for(batch["input_ids"], batch["source_mask"], task_index)
         try:

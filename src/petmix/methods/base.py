@@ -83,7 +83,8 @@ class Method:
         elif self.independent and isinstance(mix.pool, BackbonePool):
             mix.pool.reset()  # full-ft, bitfit: each task starts from the pretrained weights
         if self.independent and isinstance(mix.router, AttemptAttention):
-            mix.router.reset(seed=1000 + task_index)  # single-task ATTEMPT: one G per target task
+            # single-task ATTEMPT: one G per target task, initialised from the run's seed (seed 0 as before)
+            mix.router.reset(seed=1000 + task_index + 100_003 * getattr(mix, "seed", 0))
         return self.select_trainable(mix)
 
     def select_trainable(self, mix: Mixture) -> list[nn.Parameter]:
