@@ -74,9 +74,27 @@ def test_missing_test_is_derived_from_train_with_a_note() -> None:
     assert load_task("tinynotest", CL, seed=1).test != task.test
 
 
-def test_missing_train_names_the_file() -> None:
-    with pytest.raises(DataError, match=r"tinynotrain/train\.json.*missing"):
-        load_task("tinynotrain", CL)
+def test_missing_train_is_derived_from_test_disjoint_with_a_note(tmp_path) -> None:
+    task = load_task("tinynotrain", CL)
+    assert task.train and task.test and task.labels
+    assert not {e.input for e in task.train} & {e.input for e in task.test}
+    assert "train derived from test.json" in task.notes[0] and "disjoint" in task.notes[0]
+    # the test part depends on test_seed only: other seeds sample other training examples, same test
+    again = load_task("tinynotrain", CL, seed=5, test_seed=0, max_train=2)
+    assert again.test == task.test and len(again.train) == 2
+    folder = tmp_path / "Long_Sequence" / "nothing"
+    folder.mkdir(parents=True)
+    (folder / "labels.json").write_text('["a"]')
+    with pytest.raises(DataError, match=r"nothing/train\.json.*holds only: labels\.json.*cannot run"):
+        load_task(folder)
+
+
+def test_test_seed_fixes_the_test_sample_whatever_the_seed() -> None:
+    a = load_task("tinysent", CL, max_train=5, max_test=3, seed=1, test_seed=0)
+    b = load_task("tinysent", CL, max_train=5, max_test=3, seed=2, test_seed=0)
+    assert a.test == b.test and a.train != b.train
+    assert load_task("tinysent", CL, max_test=3, seed=1).test == load_task("tinysent", CL, max_test=3, seed=1,
+                                                                          test_seed=1).test
 
 
 # ---- spec resolution ---------------------------------------------------------------------------
@@ -388,7 +406,9 @@ def test_streams() -> None:
     assert 4 <= len(resolve_stream("default")) <= 5
     with pytest.raises(PetmixError, match="unknown stream 'nope'; known streams: default"):
         resolve_stream("nope")
-    assert "train.json missing for dbpedia, yahoo" in stream_info("long-order1")
+    assert "no train or test data for yahoo" in stream_info("long-order1")
+    assert "train derived from test.json for dbpedia" in stream_info("long-order1")
+    assert "yahoo" not in resolve_stream("long4-avail-order1") and "deviation" in stream_info("long4-avail-order1")
     assert "imdb" in stream_info("long-order2")
     assert all(stream_info(name) for name in STREAMS)
 
@@ -407,8 +427,11 @@ def test_real_benchmark_data() -> None:
     assert cb.labels == ["entailment", "contradiction", "neutral"] and cb.metric == "exact_match"
     imdb = load_task("imdb", SHARED_DATA)
     assert (len(imdb.train), len(imdb.test)) == (1800, 200) and "test derived" in imdb.notes[0]
-    with pytest.raises(DataError, match=r"dbpedia/train\.json.*missing"):
-        load_task("dbpedia", SHARED_DATA)
+    dbpedia = load_task("dbpedia", SHARED_DATA)
+    assert (len(dbpedia.train), len(dbpedia.test)) == (6080, 1520) and "train derived" in dbpedia.notes[0]
+    assert not {e.input for e in dbpedia.train} & {e.input for e in dbpedia.test}
+    with pytest.raises(DataError, match="yahoo cannot run|task yahoo cannot run"):
+        load_task("yahoo", SHARED_DATA)
 
 
 def test_tasks_found_inside_a_cl_benchmark_folder(tmp_path):

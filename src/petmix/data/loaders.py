@@ -21,6 +21,9 @@ from petmix.errors import DataError
 BIGBENCH_PREFIX = "bigbench:"
 BENCHMARK_DIRS = {"SuperNI": "superni", "Long_Sequence": "long"}
 DERIVED_TEST_FRACTION = 0.1
+# A task whose copy has a test file but no train.json (dbpedia in the shared copy): this share of the
+# test file is held back as the test set and the rest becomes train, disjoint by input text.
+DERIVED_TRAIN_HELD_TEST = 0.2
 
 
 def load_task(
@@ -30,14 +33,20 @@ def load_task(
     max_train: int | None = None,
     max_test: int | None = None,
     seed: int = 0,
+    test_seed: int | None = None,
 ) -> Task:
-    """Load one task; max_train / max_test keep a seeded random sample (deterministic given seed)."""
+    """Load one task; max_train / max_test keep a seeded random sample (deterministic given seed).
+
+    ``test_seed`` (default: ``seed``) alone decides which examples are test: the test sample and any
+    train/test split a loader has to make. Runs with different seeds and one test_seed are scored on
+    the same test examples, so their spread is the training's, not the test sample's."""
     spec = str(spec)
+    tseed = seed if test_seed is None else test_seed
     if spec.startswith(BIGBENCH_PREFIX):
-        task = bigbench.load_bigbench_task(spec.removeprefix(BIGBENCH_PREFIX), seed=seed)
+        task = bigbench.load_bigbench_task(spec.removeprefix(BIGBENCH_PREFIX), seed=tseed)
     else:
-        task = load_folder(resolve_folder(spec, data_dir), seed=seed)
-    return _apply_caps(task, max_train, max_test, seed)
+        task = load_folder(resolve_folder(spec, data_dir), seed=tseed)
+    return _apply_caps(task, max_train, max_test, seed, tseed)
 
 
 def load_tasks(
@@ -47,11 +56,14 @@ def load_tasks(
     max_train: int | None = None,
     max_test: int | None = None,
     seed: int = 0,
+    test_seed: int | None = None,
 ) -> list[Task]:
-    """Load several tasks in order; BIG-bench ones share one pass over the sdist."""
+    """Load several tasks in order; BIG-bench ones share one pass over the sdist (``test_seed``: see
+    load_task)."""
+    tseed = seed if test_seed is None else test_seed
     bb_names = [s.removeprefix(BIGBENCH_PREFIX) for s in map(str, specs) if s.startswith(BIGBENCH_PREFIX)]
     bb = (
-        dict(zip(bb_names, bigbench.load_bigbench_tasks(bb_names, seed=seed), strict=True))
+        dict(zip(bb_names, bigbench.load_bigbench_tasks(bb_names, seed=tseed), strict=True))
         if bb_names
         else {}
     )
@@ -60,8 +72,8 @@ def load_tasks(
         if spec.startswith(BIGBENCH_PREFIX):
             task = bb[spec.removeprefix(BIGBENCH_PREFIX)]
         else:
-            task = load_folder(resolve_folder(spec, data_dir), seed=seed)
-        tasks.append(_apply_caps(task, max_train, max_test, seed))
+            task = load_folder(resolve_folder(spec, data_dir), seed=tseed)
+        tasks.append(_apply_caps(task, max_train, max_test, seed, tseed))
     return tasks
 
 
@@ -133,11 +145,15 @@ def _load_cl(folder: Path, seed: int) -> Task:
         "long" if (folder / "labels.json").exists() else "superni"
     )
     train_path = folder / "train.json"
+    test_path = next((p for p in (folder / "test.json", folder / "dev.json") if p.exists()), None)
     if not train_path.exists():
-        raise DataError(train_path, "train.json is missing (this copy of the benchmark lacks it)")
+        if test_path is None:
+            present = ", ".join(sorted(p.name for p in folder.iterdir())) or "nothing"
+            raise DataError(train_path, f"train.json is missing, and so are test.json and dev.json (this copy of "
+                                        f"the benchmark holds only: {present}): task {folder.name} cannot run")
+        return _derive_train(folder, kind, test_path, seed)
     definition, train = _read_cl_file(train_path)
     notes = []
-    test_path = next((p for p in (folder / "test.json", folder / "dev.json") if p.exists()), None)
     if test_path is None:  # dev.json is the same file as test.json in this benchmark, so it may stand in
         train, test = split_off(train, DERIVED_TEST_FRACTION, seed)
         if not test:
@@ -162,6 +178,35 @@ def _load_cl(folder: Path, seed: int) -> Task:
         benchmark=kind,
         source=str(folder),
         notes=notes,
+    )
+
+
+def _derive_train(folder: Path, kind: str, test_path: Path, seed: int) -> Task:
+    """train.json is missing but a test file is there (dbpedia in the shared copy): a seeded share of
+    the test file stays test, the rest becomes train, minus any example whose input text is also a
+    test input, so no test input is ever trained on. Said in the task's notes (and so in results.json)."""
+    definition, pool = _read_cl_file(test_path)
+    train, test = split_off(pool, DERIVED_TRAIN_HELD_TEST, seed)
+    test_inputs = {e.input.strip() for e in test}
+    kept = [e for e in train if e.input.strip() not in test_inputs]
+    if not kept or not test:
+        raise DataError(test_path, "train.json is missing and the test file is too small to derive a train split")
+    dropped = len(train) - len(kept)
+    note = (f"train derived from {test_path.name} (train.json is missing): {len(test)} of its {len(pool)} "
+            f"examples (seeded {DERIVED_TRAIN_HELD_TEST:.0%}, seed {seed}) are the test set, the other "
+            f"{len(kept)} train" + (f" ({dropped} dropped: their input is also a test input)" if dropped else "")
+            + "; disjoint by input text")
+    return Task(
+        name=folder.name,
+        definition=definition,
+        metric="exact_match" if kind == "long" else "rougeL",
+        train=kept,
+        test=test,
+        template=kind,
+        labels=_read_labels(folder / "labels.json") if kind == "long" else None,
+        benchmark=kind,
+        source=str(folder),
+        notes=[note],
     )
 
 
@@ -238,7 +283,8 @@ def _read_jsonl(path: Path) -> list[Example]:
     return examples
 
 
-def _apply_caps(task: Task, max_train: int | None, max_test: int | None, seed: int) -> Task:
+def _apply_caps(task: Task, max_train: int | None, max_test: int | None, seed: int,
+                test_seed: int | None = None) -> Task:
     task.train = cap(task.train, max_train, seed)
-    task.test = cap(task.test, max_test, seed)
+    task.test = cap(task.test, max_test, seed if test_seed is None else test_seed)
     return task
