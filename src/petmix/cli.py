@@ -48,7 +48,7 @@ def _add_generation_args(p: argparse.ArgumentParser) -> None:
 
 
 def _plain_args(args: argparse.Namespace) -> dict[str, Any]:
-    return {k: v for k, v in vars(args).items() if k != "func"}
+    return {k: v for k, v in vars(args).items() if k not in ("func", "argv")}
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -126,6 +126,7 @@ TRAIN_FLAGS: list[tuple[str, Any, str]] = [
     ("--max-source-len", int, "prompt tokens (longer prompts lose their middle)"),
     ("--max-target-len", int, "answer tokens"),
     ("--seed", int, "seed for sampling, data order and initialisation"),
+    ("--test-seed", int, "seed that picks the test examples (default: --seed); compare --seeds fixes it"),
     ("--lora-r", int, "LoRA rank"),
     ("--lora-alpha", float, "LoRA alpha"),
     ("--lora-dropout", float, "LoRA dropout"),
@@ -178,7 +179,7 @@ TRAIN_FLAGS: list[tuple[str, Any, str]] = [
 ]
 
 
-def _train_config(args: argparse.Namespace):
+def _train_config(args: argparse.Namespace, apply_tuned: bool = False):
     import yaml
 
     from petmix.train import TrainConfig
@@ -195,8 +196,17 @@ def _train_config(args: argparse.Namespace):
         if not isinstance(loaded, dict):
             raise PetmixError(f"{path}: expected a mapping of settings at the top level")
         values.update({k.replace("-", "_"): v for k, v in loaded.items()})
-    skip = {"func", "command", "config", "out", "verbose", "methods", "sources_command"}
-    values.update({k: v for k, v in vars(args).items() if k not in skip})  # flags override the file
+    skip = {"func", "command", "config", "out", "verbose", "methods", "sources_command", "tuned", "seeds", "no_floors",
+            "tune_tasks", "val_fraction", "val_max", "lr_grid", "option_grid", "tuned_file", "argv"}
+    flags = {k: v for k, v in vars(args).items() if k not in skip}
+    if apply_tuned and getattr(args, "tuned", None):  # tuned settings override the file, flags override both
+        from petmix.tune import read_tuned
+
+        method = flags.get("method") or values.get("method") or "sapt-lora"
+        chosen = read_tuned(args.tuned).get(method, {})
+        log.info("settings of %s from %s: %s", method, args.tuned, chosen or "none tuned for this method")
+        values.update(chosen)
+    values.update(flags)  # flags override the file
     source = args.config or "command line"
     return TrainConfig.from_dict(values, source)
 
@@ -208,7 +218,6 @@ def cmd_train(args: argparse.Namespace) -> int:
     from petmix.runs import setup_logging
     from petmix.train import Trainer
 
-    cfg = _train_config(args)
     out = Path(args.out)
     backbone = None
     if cfg.import_adapters:  # refuse unusable adapters before the run directory exists
@@ -216,8 +225,10 @@ def cmd_train(args: argparse.Namespace) -> int:
 
         backbone = preflight_imports(cfg)
     setup_logging(out, args.verbose)
+    cfg = _train_config(args, apply_tuned=True)
     specs = cfg.tasks or resolve_stream(cfg.stream or "default")
-    tasks = load_tasks(specs, cfg.data, max_train=cfg.max_train, max_test=cfg.max_test, seed=cfg.seed)
+    tasks = load_tasks(specs, cfg.data, max_train=cfg.max_train, max_test=cfg.max_test, seed=cfg.seed,
+                       test_seed=cfg.test_seed)
     for t in tasks:
         for note in t.notes:
             log.info("%s: %s", t.name, note)
@@ -234,10 +245,11 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_compare(args: argparse.Namespace) -> int:
     import dataclasses
 
-    from petmix.compare import Entry, run_comparison
+    from petmix.compare import Entry, load_tuned, run_comparison
     from petmix.data.loaders import load_tasks
     from petmix.data.streams import resolve_stream
     from petmix.runs import setup_logging
+    from petmix.tune import command_line
 
     out = Path(args.out)
     setup_logging(out, args.verbose)
@@ -246,15 +258,79 @@ def cmd_compare(args: argparse.Namespace) -> int:
     if not entries:
         raise PetmixError("--methods: give at least one method")
     specs = cfg.tasks or resolve_stream(cfg.stream or "default")
-    tasks = load_tasks(specs, cfg.data, max_train=cfg.max_train, max_test=cfg.max_test, seed=cfg.seed)
+    seeds = _seed_list(args.seeds) if getattr(args, "seeds", None) else None
+    test_seed = cfg.test_seed if cfg.test_seed is not None else (cfg.seed if seeds else None)
+
+    def tasks_for_seed(seed: int):
+        return load_tasks(specs, cfg.data, max_train=cfg.max_train, max_test=cfg.max_test, seed=seed,
+                          test_seed=test_seed)
+
+    tasks = tasks_for_seed(cfg.seed)
     base = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "method"}
-    rows = run_comparison(entries, base, tasks, out)
+    tuned = load_tuned(args.tuned) if getattr(args, "tuned", None) else {}
+    record = {"command": command_line(getattr(args, "argv", None)), "tuned_file": getattr(args, "tuned", None)}
+    rows = run_comparison(entries, base, tasks, out, seeds=seeds, tasks_for_seed=tasks_for_seed, tuned=tuned,
+                          floors=not args.no_floors, record=record)
     print((out / "table.md").read_text(encoding="utf-8"))
-    print(f"wrote {out / 'table.md'}, {out / 'table.csv'}, {out / 'matrices.png'}")
+    print(f"wrote {out / 'table.md'}, {out / 'table.csv'}, {out / 'per_task.md'}, {out / 'matrices.png'}")
     failed = [r["label"] for r in rows if "failed" in r]
     if failed:
         print(f"petmix: {len(failed)} entries failed ({', '.join(failed)}); see {out / 'log.txt'}", file=sys.stderr)
         return 1
+    return 0
+
+
+def _seed_list(text: str) -> list[int]:
+    try:
+        seeds = [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise PetmixError(f"--seeds: expected comma-separated integers such as 0,1,2, not {text!r}") from None
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise PetmixError(f"--seeds: expected distinct seeds such as 0,1,2, not {text!r}")
+    return seeds
+
+
+def _float_list(text: str | None, flag: str) -> list[float] | None:
+    if not text:
+        return None
+    try:
+        return [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise PetmixError(f"{flag}: expected comma-separated numbers, not {text!r}") from None
+
+
+def cmd_tune(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from petmix.data.loaders import load_tasks
+    from petmix.data.streams import resolve_stream
+    from petmix.runs import setup_logging
+    from petmix.tune import command_line, tune_method, tuned_table, validation_tasks, write_tuned
+
+    out = Path(args.out)
+    setup_logging(out, args.verbose)
+    cfg = _train_config(args)
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    if not methods:
+        raise PetmixError("--methods: give at least one method")
+    specs = (cfg.tasks or resolve_stream(cfg.stream or "default"))[: args.tune_tasks]
+    # Uncapped train (the validation split comes out of all of it); the test split is replaced unread.
+    loaded = load_tasks(specs, cfg.data, max_train=None, max_test=None, seed=cfg.seed, test_seed=cfg.test_seed)
+    tasks = validation_tasks(loaded, args.val_fraction, cfg.seed, args.val_max, cfg.max_train)
+    base = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("method", "tasks", "stream")}
+    base["tasks"] = [t.name for t in tasks]
+    path = Path(args.tuned_file) if args.tuned_file else out / "tuned.yaml"
+    record = {"command": command_line(getattr(args, "argv", None)), "model": cfg.model,
+              "selected_on": {"tasks": [t.name for t in tasks], "validation": {t.name: len(t.test) for t in tasks},
+                              "train": {t.name: len(t.train) for t in tasks}, "fraction": args.val_fraction,
+                              "seed": cfg.seed, "split": "carved from each task's train split; test never read"}}
+    for method in methods:
+        result = tune_method(method, base, tasks, out, lrs=_float_list(args.lr_grid, "--lr-grid"),
+                             options=_float_list(args.option_grid, "--option-grid"))
+        write_tuned(path, method, result, record)
+        log.info("%s: chose %s (validation AP %.2f)", method, result["settings"], result["score"])
+    print(tuned_table(path))
+    print(f"wrote {path}: use it with --tuned {path}")
     return 0
 
 
@@ -272,7 +348,8 @@ def cmd_sources_train(args: argparse.Namespace) -> int:
     cfg = _train_config(args)
     cfg.method = "prompt-tuning"  # source prompts are shallow prompt-tuning prompts (DESIGN.md section 2)
     specs = cfg.tasks or resolve_stream(cfg.stream or "attempt-sources")
-    tasks = load_tasks(specs, cfg.data, max_train=cfg.max_train, max_test=cfg.max_test, seed=cfg.seed)
+    tasks = load_tasks(specs, cfg.data, max_train=cfg.max_train, max_test=cfg.max_test, seed=cfg.seed,
+                       test_seed=cfg.test_seed)
     Trainer(cfg, tasks, out / "run").run()
     entries = []
     for task in tasks:
@@ -377,6 +454,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="learn a task stream with a method; writes the matrix, metrics and heatmaps")
     _add_train_flags(p)
+    p.add_argument("--tuned", help="settings file written by `petmix tune`: the method's tuned lr and option "
+                                   "(flags still win)")
     p.add_argument("--out", required=True, help="run directory (an existing one is resumed)")
     p.set_defaults(func=cmd_train)
 
@@ -384,8 +463,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--methods", required=True,
                    help="comma-separated entries: method, or label=method:key=value:... (e.g. no-arm=sapt-lora:kl_ratio=0)")
     _add_train_flags(p, with_method=False)
+    p.add_argument("--seeds", help="comma-separated seeds (e.g. 0,1,2): each entry runs once per seed into "
+                                   "OUT/<label>/seed-<s>; the table shows mean ± std and marks differences within noise")
+    p.add_argument("--tuned", help="settings file written by `petmix tune` (each method's lr and option; "
+                                   "an entry's own key=value still wins)")
+    p.add_argument("--no-floors", action="store_true", help="leave out the majority-label and zero-shot floor rows")
     p.add_argument("--out", required=True, help="comparison directory (one run directory per entry)")
     p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser("tune", help="choose each method's lr (and its most sensitive option) on a validation "
+                                    "split carved from train; writes a file compare and train read")
+    p.add_argument("--methods", required=True, help="comma-separated methods to tune")
+    _add_train_flags(p, with_method=False)
+    p.add_argument("--tune-tasks", type=int, default=2, help="the stream's first N tasks are tuned on (default 2)")
+    p.add_argument("--val-fraction", type=float, default=0.2, help="share of each task's train split held out "
+                                                                    "for validation (default 0.2)")
+    p.add_argument("--val-max", type=int, default=100, help="at most this many validation examples per task")
+    p.add_argument("--lr-grid", help="comma-separated learning rates (default: a log-spaced grid per method kind)")
+    p.add_argument("--option-grid", help="comma-separated values of the method's tuned option (kl_ratio, "
+                                         "olora_lambda1, ewc_lambda or prompt_length)")
+    p.add_argument("--tuned-file", help="where to write the choices (default OUT/tuned.yaml; other methods' "
+                                        "entries in it are kept)")
+    p.add_argument("--out", required=True, help="tuning directory (one run per candidate, resumable)")
+    p.set_defaults(func=cmd_tune)
 
     p = sub.add_parser("sources", help="source prompts for ATTEMPT and SPoT: train a library, list one")
     ssub = p.add_subparsers(dest="sources_command", required=True)
@@ -425,6 +525,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # recorded by compare and tune with their outputs
     try:
         return args.func(args)
     except PetmixError as err:

@@ -59,6 +59,7 @@ class TrainConfig:
     max_source_len: int = 512
     max_target_len: int = 50
     seed: int = 0
+    test_seed: int | None = None  # which examples are test (default: seed); fixed across a comparison's seeds
     bf16: bool = False
     lora_r: int = 4
     lora_alpha: float = 32.0

@@ -1,0 +1,184 @@
+"""``petmix tune``: choose a method's learning rate (and its most sensitive option) without test data.
+
+One learning rate for every method measures the learning rate, not the method (prompt tuning learns at
+3e-2 and barely at 1e-3; full fine-tuning wants 5e-5). So each method gets its own, chosen on a
+validation split carved from the TRAIN split of the stream's first tasks; the test split is dropped
+as soon as the tasks are loaded and never read. The search is small and coordinate-wise, on
+log-spaced grids: first the learning rate at the option's default, then the option at the chosen
+rate. The choice goes to a YAML file that ``petmix compare --tuned`` and ``petmix train --tuned``
+read; the file records the command, the split and every candidate's validation score.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import shlex
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from petmix.data.task import Task, cap, split_off
+from petmix.errors import PetmixError
+from petmix.methods import get_method
+from petmix.runs import read_json
+from petmix.train import TrainConfig, Trainer
+
+log = logging.getLogger(__name__)
+
+# Learning-rate grids (log-spaced, about x3 apart) by what trains.
+LR_GRIDS: dict[str, list[float]] = {
+    "prompt": [3e-3, 1e-2, 3e-2, 1e-1],  # raw soft prompts (and ATTEMPT's G, trained with its prompt)
+    "prompt-encoder": [1e-4, 3e-4, 1e-3, 3e-3],  # prompts behind an MLP/LSTM (P-tuning, prefix tuning)
+    "lora": [3e-4, 1e-3, 3e-3],  # LoRA, BitFit, routers
+    "full": [1e-5, 3e-5, 1e-4],  # backbone weights
+}
+
+# Each method's single most sensitive option and its grid (the default is searched too).
+OPTION_GRIDS: dict[str, tuple[str, list[float]]] = {
+    "sapt-lora": ("kl_ratio", [0.1, 0.5, 2.0]),
+    "sapt-prompt": ("kl_ratio", [0.1, 0.5, 2.0]),
+    "o-lora": ("olora_lambda1", [0.1, 0.5, 2.5]),
+    "ewc": ("ewc_lambda", [500.0, 5000.0, 50000.0]),
+}
+PROMPT_LENGTHS = [5, 10, 20]
+# Methods whose prompt length is fixed by their source prompts: no length to tune.
+SOURCE_METHODS = ("attempt", "attempt-m", "spot")
+
+
+def lr_grid(method: str, cfg: TrainConfig) -> list[float]:
+    m = get_method(method)
+    if m.block == "full":
+        return LR_GRIDS["full"]
+    if m.block == "prompt":
+        encoder = cfg.prompt_encoder or m.encoder
+        return LR_GRIDS["prompt-encoder"] if encoder not in (None, "none") else LR_GRIDS["prompt"]
+    return LR_GRIDS["lora"]
+
+
+def option_grid(method: str) -> tuple[str, list[Any]] | None:
+    """The option tuned after the learning rate, or None (LoRA-only and similar methods)."""
+    if method in OPTION_GRIDS:
+        return OPTION_GRIDS[method]
+    if get_method(method).block == "prompt" and method not in SOURCE_METHODS:
+        return "prompt_length", list(PROMPT_LENGTHS)
+    return None
+
+
+def validation_tasks(tasks: list[Task], fraction: float, seed: int, max_val: int | None,
+                     max_train: int | None) -> list[Task]:
+    """Copies of ``tasks`` whose test split is a seeded part of their train split and whose train is the
+    rest (capped at ``max_train`` afterwards, so a run trains on as many examples as in ``compare``).
+    The original test split is not read."""
+    out = []
+    for t in tasks:
+        rest, val = split_off(t.train, fraction, seed, max_val)
+        if not val or not rest:
+            raise PetmixError(f"task {t.name}: {len(t.train)} training examples are too few to carve a validation split")
+        note = (f"tuning: test = validation split carved from train ({len(val)} examples, seed {seed}); "
+                "the real test split is not used")
+        out.append(dataclasses.replace(t, train=cap(rest, max_train, seed), test=val, notes=[*t.notes, note]))
+    return out
+
+
+def _fmt(v: Any) -> str:
+    return f"{v:g}" if isinstance(v, float) else str(v)
+
+
+def tune_method(method: str, base: dict[str, Any], tasks: list[Task], out: str | Path, *,
+                lrs: list[float] | None = None, options: list[Any] | None = None) -> dict[str, Any]:
+    """Search ``method``'s learning rate, then its option, on ``tasks`` (already validation tasks: see
+    ``validation_tasks``); each candidate trains into ``out/<method>/<candidate>`` (finished ones are
+    read). Returns ``{"settings": {...}, "score": ..., "candidates": [...]}``."""
+    out = Path(out) / method
+    cfg0 = TrainConfig.from_dict({**base, "method": method}, f"tune {method}")
+    lrs = list(lrs or lr_grid(method, cfg0))
+    opt = option_grid(method)
+    if opt is not None and options:
+        opt = (opt[0], list(options))
+    candidates: list[dict[str, Any]] = []
+
+    def score(settings: dict[str, Any]) -> float:
+        for c in candidates:
+            if c["settings"] == settings:
+                return c["score"]
+        name = "-".join(f"{k}-{_fmt(v)}" for k, v in settings.items())
+        cfg = TrainConfig.from_dict({**base, "method": method, **settings}, f"tune {method} {name}")
+        run = out / name
+        expected = 1 if get_method(method).joint else len(tasks)
+        done = (run / "results.json").is_file() and len(read_json(run / "results.json")["matrix"]) == expected
+        results = read_json(run / "results.json") if done else Trainer(cfg, tasks, run).run()
+        value = results["metrics"]["AP"]
+        value = -math.inf if value is None else float(value)
+        log.info("tune %s %s: validation AP %.2f", method, name, value)
+        candidates.append({"settings": dict(settings), "score": round(value, 4), "run": str(run)})
+        return value
+
+    def best_of(grid: list[dict[str, Any]]) -> dict[str, Any]:
+        scores = [score(s) for s in grid]  # ties: the first in grid order (the smaller value)
+        return grid[scores.index(max(scores))]
+
+    default_opt = {} if opt is None else {opt[0]: getattr(cfg0, opt[0])}
+    chosen = best_of([{"lr": lr, **default_opt} for lr in lrs])
+    if opt is not None:
+        values = sorted({*opt[1], default_opt[opt[0]]})
+        chosen = best_of([{**chosen, opt[0]: v} for v in values])
+    best = next(c for c in candidates if c["settings"] == chosen)
+    return {"settings": chosen, "score": best["score"], "candidates": candidates,
+            "grid": {"lr": lrs, **({opt[0]: sorted({*opt[1], default_opt[opt[0]]})} if opt else {})}}
+
+
+def read_tuned(path: str | Path) -> dict[str, dict[str, Any]]:
+    """method -> settings from a file ``petmix tune`` wrote."""
+    path = Path(path)
+    if not path.is_file():
+        raise PetmixError(f"{path}: tuned-settings file not found (write one with `petmix tune`)")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as err:
+        raise PetmixError(f"{path}: malformed YAML ({err})") from err
+    methods = data.get("methods") if isinstance(data, dict) else None
+    if not isinstance(methods, dict):
+        raise PetmixError(f"{path}: expected a 'methods:' mapping (method -> settings)")
+    out = {}
+    for name, entry in methods.items():
+        settings = entry.get("settings") if isinstance(entry, dict) else None
+        if not isinstance(settings, dict):
+            raise PetmixError(f"{path}: method {name}: expected 'settings:' (e.g. lr)")
+        out[str(name)] = dict(settings)
+    return out
+
+
+def write_tuned(path: str | Path, method: str, result: dict[str, Any], record: dict[str, Any]) -> None:
+    """Add (or replace) ``method``'s choice in the YAML file, keeping the other methods' entries."""
+    path = Path(path)
+    data: dict[str, Any] = {}
+    if path.is_file():
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    data.setdefault("methods", {})[method] = {**result, **record}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    header = ("# Settings chosen by `petmix tune` on validation splits carved from train (never test).\n"
+              "# Read by `petmix compare --tuned FILE` and `petmix train --tuned FILE`.\n")
+    path.write_text(header + yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
+
+
+def command_line(argv: list[str] | None = None) -> str:
+    """The command as typed (``argv`` without the program name; default: this process's)."""
+    return "petmix " + shlex.join(sys.argv[1:] if argv is None else argv)
+
+
+def tuned_table(path: str | Path) -> str:
+    """The file's choices as a markdown table: method, learning rate, option, validation AP, grid."""
+    data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+    lines = ["| method | lr | option | validation AP | candidates (settings: AP) |", "|---|---|---|---|---|"]
+    for name, entry in (data.get("methods") or {}).items():
+        settings = dict(entry.get("settings") or {})
+        lr = settings.pop("lr", None)
+        option = ", ".join(f"{k}={_fmt(v)}" for k, v in settings.items()) or "-"
+        tried = "; ".join(", ".join(f"{k} {_fmt(v)}" for k, v in c["settings"].items()) + f": {c['score']:.1f}"
+                          for c in entry.get("candidates") or [])
+        lines.append(f"| {name} | {_fmt(lr)} | {option} | {entry.get('score', float('nan')):.2f} | {tried} |")
+    return "\n".join(lines)

@@ -1,0 +1,142 @@
+"""Tables a reviewer can trust: statistics over seeds, noise marks, floors, tuning on train only."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import shutil
+import statistics
+from pathlib import Path
+
+import pytest
+import yaml
+from test_train import make_tasks
+
+from petmix.cli import _train_config, build_parser, main
+from petmix.compare import Entry, run_comparison
+from petmix.data.task import Example, Task
+from petmix.floors import is_classification, majority_floor
+from petmix.runs import read_json
+from petmix.stats import Summary, within_noise
+from petmix.tune import validation_tasks
+
+CL = Path(__file__).parent / "fixtures" / "cl_layout"
+
+
+def test_mean_and_sample_std_on_a_hand_made_case():
+    s = Summary.of([1.0, 2.0, 3.0, 4.0])
+    assert s.mean == 2.5 and s.n == 4
+    assert s.std == pytest.approx(math.sqrt(5 / 3))  # squares of deviations 2.25+0.25+0.25+2.25 = 5, / (n-1)
+    assert s.std == pytest.approx(statistics.stdev([1, 2, 3, 4]))
+    assert Summary.of([40.0, None, 44.0]) == Summary(42.0, pytest.approx(math.sqrt(8)), 2)  # None: not run
+    assert Summary.of([7.0]).std is None and Summary.of([]).mean is None
+    assert Summary.of([50.0, 52.0, 54.0]).cell() == "52.00 ± 2.00"
+    # within noise: |diff| < std_a + std_b
+    a, b, c = Summary.of([50.0, 52.0, 54.0]), Summary.of([53.0, 55.0, 57.0]), Summary.of([60.0, 61.0, 62.0])
+    assert within_noise(a, b) is True  # |52 - 55| = 3 < 2 + 2
+    assert within_noise(a, c) is False  # |52 - 61| = 9 >= 2 + 1
+    assert within_noise(a, Summary.of([60.0])) is None  # one seed: no spread, no verdict
+
+
+def test_majority_floor_is_the_most_frequent_train_answer_scored_on_test():
+    train = [Example(f"x{i}", [a]) for i, a in enumerate(["yes", "no", "yes", "yes", "maybe"] * 2)]
+    test = [Example("t1", ["yes"]), Example("t2", ["no"]), Example("t3", ["yes"]), Example("t4", ["no"])]
+    task = Task("t", "", "exact_match", train, test, "plain")
+    floor = majority_floor([task])
+    assert floor["per_task"]["t"]["answer"] == "yes" and floor["metrics"]["AP"] == 50.0
+    assert is_classification(task)
+    assert not is_classification(Task("g", "", "rougeL", [Example(f"x{i}", [f"text {i}"]) for i in range(10)], test,
+                                      "plain"))
+
+
+def test_compare_over_seeds_reports_mean_std_floors_and_resumes(tiny_llama_path, tmp_path):
+    base = {"model": str(tiny_llama_path), "epochs": 1, "batch_size": 4, "lr": 5e-3, "max_new_tokens": 2}
+    entries = [Entry.parse("seq-lora"), Entry.parse("inc-lora")]
+    out = tmp_path / "cmp"
+    run_comparison(entries[:1], base, make_tasks(2), out)  # a single-seed comparison of the earlier layout
+    legacy = (out / "seq-lora" / "results.json").stat().st_mtime
+    rows = run_comparison(entries, base, make_tasks(2), out, seeds=[0, 1], tasks_for_seed=lambda s: make_tasks(2),
+                          floors=True)
+    assert (out / "seq-lora" / "results.json").stat().st_mtime == legacy  # read as seed 0, not re-run
+    assert (out / "seq-lora" / "seed-1" / "results.json").is_file()
+    assert (out / "inc-lora" / "seed-0" / "results.json").is_file() and (out / "inc-lora" / "seed-1").is_dir()
+    assert [r["label"] for r in rows] == ["floor: majority label", "floor: zero-shot", "seq-lora", "inc-lora"]
+    aps = [read_json(out / "inc-lora" / f"seed-{s}" / "results.json")["metrics"]["AP"] for s in (0, 1)]
+    inc = rows[3]
+    assert inc["AP"] == pytest.approx(statistics.mean(aps)) and inc["seeds"] == "2"
+    assert inc["stats"]["AP"].std == pytest.approx(statistics.stdev(aps))
+    table = list(csv.DictReader((out / "table.csv").open()))
+    assert float(table[3]["AP sd"]) == pytest.approx(statistics.stdev(aps))
+    assert table[0]["method"] == "floor: majority label" and float(table[0]["AP"]) == 100.0  # one answer per task
+    md = (out / "table.md").read_text()
+    assert "vs best AP" in md and "pairwise" in md and "sample standard deviation" in md
+    assert read_json(out / "compare.json")["seeds"] == [0, 1]
+    # resuming reads every finished seed and the cached floors; a results.json with routing accuracy shows it
+    floor = (out / "floors" / "zero-shot" / "results.json").stat().st_mtime
+    path = out / "inc-lora" / "seed-1" / "results.json"
+    res = read_json(path)
+    res["routing_accuracy"] = {"final": 0.75, "per_stage": [1.0, 0.75]}
+    path.write_text(json.dumps(res))
+    again = run_comparison(entries, base, make_tasks(2), out, seeds=[0, 1], tasks_for_seed=lambda s: make_tasks(2),
+                           floors=True)
+    assert path.stat().st_mtime == path.stat().st_mtime and (out / "floors" / "zero-shot" / "results.json").stat().st_mtime == floor
+    assert again[3]["routing acc"] == 0.75 and "routing acc" in (out / "table.md").read_text()
+    # a third seed not yet run is shown as missing, not silently averaged away
+    partial = run_comparison(entries[1:], base, make_tasks(2), out, seeds=[0, 1, 2],
+                             tasks_for_seed=lambda s: make_tasks(2))
+    assert partial[0]["seeds"] == "3"  # it ran; the folder accumulates seeds
+
+
+def _poisoned_copy(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    for test in dst.rglob("test.json"):
+        data = json.loads(test.read_text())
+        for inst in data["Instances"]:
+            inst["output"] = "POISON"
+        test.write_text(json.dumps(data))
+    (dst / "Long_Sequence" / "tinysent" / "dev.json").unlink()
+    return dst
+
+
+def test_tuner_never_reads_test_labels(tiny_llama_path, tmp_path):
+    """The same choice and the same validation scores whatever the test labels say."""
+    poisoned = _poisoned_copy(CL, tmp_path / "poisoned")
+    files = {}
+    for name, data in [("clean", CL), ("poisoned", poisoned)]:
+        argv = ["tune", "--methods", "lora", "--model", str(tiny_llama_path), "--data", str(data),
+                "--tasks", "tinysent", "--tune-tasks", "1", "--lr-grid", "1e-4,5e-2", "--epochs", "1",
+                "--batch-size", "4", "--max-new-tokens", "3", "--out", str(tmp_path / name)]
+        assert main(argv) == 0
+        files[name] = yaml.safe_load((tmp_path / name / "tuned.yaml").read_text())["methods"]["lora"]
+    for name in files:  # what every candidate was scored on: validation examples carved from train
+        for pred in (tmp_path / name / "lora").rglob("predictions/*.jsonl"):
+            records = [json.loads(line) for line in pred.read_text().splitlines()]
+            assert records and not any("POISON" in r["references"] for r in records)
+    assert files["clean"]["settings"] == files["poisoned"]["settings"]
+    assert [c["score"] for c in files["clean"]["candidates"]] == [c["score"] for c in files["poisoned"]["candidates"]]
+    assert "test never read" in files["clean"]["selected_on"]["split"] and files["clean"]["command"].startswith("petmix tune")
+    # train and compare read the file: the tuned lr replaces the config's, an explicit flag still wins
+    tuned = str(tmp_path / "clean" / "tuned.yaml")
+    args = build_parser().parse_args(["train", "--method", "lora", "--tuned", tuned, "--out", "x"])
+    assert _train_config(args, apply_tuned=True).lr == files["clean"]["settings"]["lr"]
+    args = build_parser().parse_args(["train", "--method", "lora", "--tuned", tuned, "--lr", "0.5", "--out", "x"])
+    assert _train_config(args, apply_tuned=True).lr == 0.5
+
+
+class _Untouchable(list):
+    def _no(self, *a, **k):
+        raise AssertionError("the test split was read")
+
+    __iter__ = __getitem__ = __len__ = __contains__ = _no
+
+
+def test_validation_split_comes_from_train_only():
+    tasks = make_tasks(2, n_train=20)
+    for t in tasks:
+        t.test = _Untouchable(t.test)
+    val = validation_tasks(tasks, 0.25, 0, None, 10)
+    for orig, v in zip(tasks, val):
+        assert len(v.test) == 5 and len(v.train) == 10
+        assert {e.input for e in v.test} <= {e.input for e in orig.train}
+        assert not {e.input for e in v.test} & {e.input for e in v.train}
