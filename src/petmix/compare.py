@@ -272,7 +272,7 @@ def _mean_matrix(matrices: list[list[list[float | None]]]) -> list[list[float | 
 def write_tables(rows: list[dict[str, Any]], task_names: list[str], out_dir: Path, multi: bool) -> None:
     """table.md (with the noise marks and a footnote), table.csv and per_task.md."""
     done = [r for r in rows if "results" in r and not r.get("floor")]
-    columns = table_columns(done, task_names)
+    columns = list(table_columns(done, task_names))  # a copy: COLUMNS itself must not grow
     if any(r.get("routing acc") is not None for r in rows):
         columns.insert(columns.index("AP") + (4 if "F.Ra" in columns else 1), "routing acc")
     _mark_floors(rows)
