@@ -1,10 +1,22 @@
 #!/usr/bin/env bash
-# Continual-learning comparison on a CPU-sized SuperNI stream with the default model.
-# Resumable: finished entries are read, unfinished ones continue. Needs ../shared/data.
-# seq-ft (full fine-tuning) runs at lr 5e-5, a usual full fine-tuning rate; 1e-3 is the LoRA and prompt rate.
-# Output: runs/bench/superni5/{table.md,table.csv,matrices.png,<entry>/...}
+# Continual-learning comparison on a CPU-sized SuperNI stream with the default model (issue 15):
+#  1. `petmix tune`: each method's learning rate (and its most sensitive option: kl_ratio for SAPT,
+#     olora_lambda1 for O-LoRA, ewc_lambda for EWC, prompt_length for prompt methods) on a validation
+#     split carved from the TRAIN split of the stream's first two tasks (test is never read);
+#  2. `petmix compare --seeds 0,1,2 --tuned`: every entry once per seed (training sample, initialisation
+#     and data order vary; one test set of up to 100 examples per task, all where a task has fewer),
+#     mean ± std with differences within noise marked, and the majority-label and zero-shot floors.
+# Hours on 2 CPU cores. Both steps are resumable and accumulate in their folders: stop it any time and
+# start it again; the table shows which seeds are still missing. Needs ../shared/data.
+# SEEDS=0 (one seed) or METHODS=... (a subset) for a partial run. Output: $OUT/{tune,compare}.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 [ -d ../shared/data/CL_Benchmark ] || { echo "needs ../shared/data/CL_Benchmark (the benchmark data)"; exit 2; }
-.venv/bin/petmix compare --config benchmarks/configs/superni5_cpu.yaml --out "${OUT:-runs/bench/superni5}" \
-  --methods "${METHODS:-per-task-lora,sapt-lora,sapt-lora-kl0.1=sapt-lora:kl_ratio=0.1,sapt-lora-no-arm=sapt-lora:kl_ratio=0,sapt-lora-arm-real=sapt-lora:replay_source=real,seq-lora,inc-lora,mtl-lora,sapt-prompt,seq-prompt,seq-ft=seq-ft:lr=5e-5,replay,ewc,lwf,o-lora,l2p,lfpt5,prog-prompt}"
+OUT="${OUT:-runs/bench/superni5}"
+CONFIG=benchmarks/configs/superni5_cpu.yaml
+TUNE="${TUNE:-per-task-lora,sapt-lora,seq-lora,inc-lora,mtl-lora,sapt-prompt,seq-prompt,seq-ft,replay,ewc,lwf,o-lora,l2p,lfpt5,prog-prompt}"
+.venv/bin/petmix tune --config "$CONFIG" --methods "$TUNE" --tune-tasks 2 --val-max 50 --out "$OUT/tune"
+# Ablations keep their own setting over the tuned one (an entry's key=value wins); the rest are tuned.
+.venv/bin/petmix compare --config "$CONFIG" --max-test 100 --seeds "${SEEDS:-0,1,2}" --tuned "$OUT/tune/tuned.yaml" \
+  --out "$OUT/compare" \
+  --methods "${METHODS:-per-task-lora,sapt-lora,sapt-lora-no-arm=sapt-lora:kl_ratio=0,sapt-lora-arm-real=sapt-lora:replay_source=real,seq-lora,inc-lora,mtl-lora,sapt-prompt,seq-prompt,seq-ft,replay,ewc,lwf,o-lora,l2p,lfpt5,prog-prompt}"
