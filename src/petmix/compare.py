@@ -25,7 +25,7 @@ from petmix.errors import PetmixError
 from petmix.methods import get_method
 from petmix.runs import read_json, write_json
 from petmix.stats import NOISE_RULE, Summary, within_noise
-from petmix.train import TrainConfig, Trainer, stages_wall_seconds
+from petmix.train import TrainConfig, Trainer, settings_diff, stages_wall_seconds
 
 log = logging.getLogger(__name__)
 
@@ -70,22 +70,13 @@ def _finished(out: Path, expected_rows: int) -> bool:
     return path.is_file() and len(read_json(path).get("matrix", [])) == expected_rows
 
 
-# Settings that may change between the runs of one comparison without changing what a run computes.
-_IGNORED_SETTINGS = {"single_task_results", "checkpoint_every", "eval_batch_size"}
-
-
-def settings_diff(run_dir: Path, cfg: TrainConfig, task_names: list[str]) -> list[str]:
-    """Keys whose value in ``run_dir/config.json`` differs from ``cfg`` (keys an older petmix did not
-    write count as equal); empty if the folder holds no run yet. A finished run with other settings
-    must not be read into a table as if it had these."""
+def run_settings_diff(run_dir: Path, cfg: TrainConfig, task_names: list[str]) -> list[str]:
+    """``train.settings_diff`` of the run in ``run_dir`` (empty if it holds none yet): a finished run
+    with other settings must not be read into a table as if it had these."""
     path = run_dir / "config.json"
     if not path.is_file():
         return []
-    old = read_json(path)
-    resolved = {**dataclasses.asdict(cfg), "tasks": task_names}
-    if old.get("test_seed") is None and resolved.get("test_seed") == old.get("seed"):
-        resolved["test_seed"] = old.get("test_seed")  # its test examples were drawn with its seed: the same
-    return sorted(k for k in resolved if k not in _IGNORED_SETTINGS and k in old and old[k] != resolved[k])
+    return settings_diff(read_json(path), {**dataclasses.asdict(cfg), "tasks": task_names})
 
 
 def note_for(results: dict[str, Any]) -> str:
@@ -165,7 +156,7 @@ def run_comparison(entries: list[Entry], base: dict[str, Any], tasks: list[Task]
             if single is not None and entry is not single:
                 values["single_task_results"] = str(run_dir(single, seed))
             cfg = TrainConfig.from_dict(values, f"entry {entry.label}" + (f" seed {seed}" if multi else ""))
-            diff = settings_diff(run_dir(entry, seed), cfg, names)
+            diff = run_settings_diff(run_dir(entry, seed), cfg, names)
             if diff and _finished(run_dir(entry, seed), 1 if get_method(cfg.method).joint else len(tasks)):
                 raise PetmixError(f"{run_dir(entry, seed)} holds a finished run with other settings ({diff}); "
                                   "use a new --out or the same settings")

@@ -195,6 +195,20 @@ def stages_wall_seconds(stages: list[dict[str, Any]]) -> float:
     return round(sum(s.get("train_s", 0) + s.get("replay_s", 0) + s.get("eval_s", 0) for s in stages), 1)
 
 
+# Settings that may change between the sessions of one run without changing what it computes.
+RESUMABLE_CHANGES = {"single_task_results", "checkpoint_every", "eval_batch_size"}
+
+
+def settings_diff(old: dict[str, Any], resolved: dict[str, Any]) -> list[str]:
+    """Keys whose recorded value (a run's config.json) differs from ``resolved``: such a run cannot be
+    resumed or read as a run of these settings. Keys an older petmix did not write were at their
+    defaults then: only recorded keys count."""
+    old = {"router": "paper", **old}  # runs from before the presets used the paper's
+    if old.get("test_seed") is None and resolved.get("test_seed") == old.get("seed"):
+        old["test_seed"] = resolved.get("test_seed")  # its test examples were drawn with its seed: the same
+    return sorted(k for k in resolved if k not in RESUMABLE_CHANGES and k in old and old[k] != resolved[k])
+
+
 def routing_summary(rows: list[dict[str, Any]], names: list[str]) -> dict[str, Any]:
     """Routing accuracy per stage and task (``per_stage[i][j]``, None where task j was not evaluated),
     and its mean over the tasks of the last stage (``final``), with the mean own-block weight."""
@@ -274,10 +288,7 @@ class Trainer:
         resolved = {**dataclasses.asdict(self.cfg), "tasks": [t.name for t in self.tasks]}
         cfg_path = self.out / "config.json"
         if cfg_path.exists():
-            old = {"router": "paper", **read_json(cfg_path)}  # runs from before the presets used the paper's
-            ignore = {"single_task_results", "checkpoint_every", "eval_batch_size"}
-            # Keys an older petmix did not write were at their defaults then: only recorded keys count.
-            diff = sorted(k for k in resolved if k not in ignore and k in old and old[k] != resolved[k])
+            diff = settings_diff(read_json(cfg_path), resolved)
             if diff:
                 raise PetmixError(f"{cfg_path}: the run directory holds a run with other settings ({diff}); "
                                   "use a new --out or the same settings to resume")
