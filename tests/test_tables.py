@@ -16,6 +16,7 @@ from test_train import make_tasks
 from petmix.cli import _train_config, build_parser, main
 from petmix.compare import Entry, run_comparison
 from petmix.data.task import Example, Task
+from petmix.errors import PetmixError
 from petmix.floors import is_classification, majority_floor
 from petmix.runs import read_json
 from petmix.stats import Summary, within_noise
@@ -86,6 +87,9 @@ def test_compare_over_seeds_reports_mean_std_floors_and_resumes(tiny_llama_path,
     partial = run_comparison(entries[1:], base, make_tasks(2), out, seeds=[0, 1, 2],
                              tasks_for_seed=lambda s: make_tasks(2))
     assert partial[0]["seeds"] == "3"  # it ran; the folder accumulates seeds
+    with pytest.raises(PetmixError, match="finished run with other settings"):  # never read as these settings
+        run_comparison(entries, {**base, "lr": 1e-2}, make_tasks(2), out, seeds=[0, 1],
+                       tasks_for_seed=lambda s: make_tasks(2))
 
 
 def _poisoned_copy(src: Path, dst: Path) -> Path:
