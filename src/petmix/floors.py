@@ -55,19 +55,21 @@ def majority_floor(tasks: list[Task]) -> dict[str, Any]:
             "metrics": single_row_metrics(row), "per_task": per_task}
 
 
-def _test_key(tasks: list[Task]) -> list[list[Any]]:
-    """What a floor's test scores depend on: each task's name and test inputs (hashed)."""
+def _examples_key(tasks: list[Task], split: str = "test") -> list[list[Any]]:
+    """What a floor depends on: each task's name and the examples of ``split`` (hashed)."""
     import hashlib
 
-    return [[t.name, len(t.test), hashlib.sha256("\n".join(e.input for e in t.test).encode()).hexdigest()[:16]]
-            for t in tasks]
+    def digest(examples: list[Any]) -> str:
+        text = "\n".join(f"{e.input}\t{e.target}" for e in examples)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+    return [[t.name, len(getattr(t, split)), digest(getattr(t, split))] for t in tasks]
 
 
 def cached_majority_floor(out: Path, tasks: list[Task], seed: int) -> dict[str, Any]:
     """The majority floor of one seed's training sample, read from ``out`` if computed before."""
     path = Path(out) / f"majority-seed-{seed}.json"
-    key = {"test": _test_key(tasks), "train": _test_key([Task(t.name, "", t.metric, [], t.train, t.template)
-                                                         for t in tasks])}
+    key = {"test": _examples_key(tasks), "train": _examples_key(tasks, "train")}
     if path.is_file():
         cached = read_json(path)
         if cached.get("key") == key:
@@ -87,7 +89,7 @@ def cached_zero_shot_floor(out: Path, tasks: list[Task], cfg: Any) -> dict[str, 
     from petmix.runs import write_jsonl
 
     run = Path(out) / "zero-shot"
-    key = {"model": cfg.model, "test": _test_key(tasks), "max_new_tokens": cfg.max_new_tokens,
+    key = {"model": cfg.model, "test": _examples_key(tasks), "max_new_tokens": cfg.max_new_tokens,
            "max_source_len": cfg.max_source_len, "chat": cfg.chat, "bf16": cfg.bf16}
     if (run / "results.json").is_file():
         cached = read_json(run / "results.json")
