@@ -218,6 +218,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from petmix.runs import setup_logging
     from petmix.train import Trainer
 
+    cfg = _train_config(args, apply_tuned=True)
     out = Path(args.out)
     backbone = None
     if cfg.import_adapters:  # refuse unusable adapters before the run directory exists
@@ -225,7 +226,6 @@ def cmd_train(args: argparse.Namespace) -> int:
 
         backbone = preflight_imports(cfg)
     setup_logging(out, args.verbose)
-    cfg = _train_config(args, apply_tuned=True)
     specs = cfg.tasks or resolve_stream(cfg.stream or "default")
     tasks = load_tasks(specs, cfg.data, max_train=cfg.max_train, max_test=cfg.max_test, seed=cfg.seed,
                        test_seed=cfg.test_seed)
