@@ -10,6 +10,8 @@ from __future__ import annotations
 import csv
 import io
 import logging
+import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,13 +38,29 @@ class Entry:
         """``label=method:key=value:key=value`` or just ``method``."""
         head, *items = text.split(":")
         label, _, method = head.rpartition("=")
+        label = label.strip() or method.strip()
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._+-]*", label):
+            raise PetmixError(f"--methods entry {text!r}: label {label!r} must be a plain folder name "
+                              "(letters, digits, . _ + -)")
         overrides: dict[str, Any] = {}
         for item in items:
             key, sep, value = item.partition("=")
             if not sep:
                 raise PetmixError(f"--methods entry {text!r}: expected key=value after ':', got {item!r}")
             overrides[key.replace("-", "_")] = _value(value)
-        return cls(label or method, method, overrides)
+        return cls(label, method.strip(), overrides)
+
+
+def check_entries(entries: list[Entry]) -> None:
+    """Each entry trains into OUT/<label>: two entries with one label would share (and misreport) a run."""
+    if not entries:
+        raise PetmixError("--methods: give at least one method")
+    seen: set[str] = set()
+    for e in entries:
+        if e.label in seen:
+            raise PetmixError(f"--methods: the label {e.label!r} is used twice; give each entry its own "
+                              f"label (label=method, e.g. {e.label}-2={e.method})")
+        seen.add(e.label)
 
 
 def _value(text: str) -> Any:
@@ -82,9 +100,12 @@ def note_for(results: dict[str, Any]) -> str:
     return "; ".join(notes)
 
 
-def run_comparison(entries: list[Entry], base: dict[str, Any], tasks: list[Task], out_dir: str | Path) -> list[dict[str, Any]]:
+def run_comparison(entries: list[Entry], base: dict[str, Any], tasks: list[Task], out_dir: str | Path,
+                   before_first: Callable[[], None] | None = None) -> list[dict[str, Any]]:
+    """Train (or read back) each entry into OUT/<label>. Every entry's settings are checked before
+    anything is written; ``before_first`` runs then (the CLI starts its log file there)."""
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    check_entries(entries)
     ordered = sorted(entries, key=lambda e: e.method != "per-task-lora")  # single-task scores first
     single = next((e for e in ordered if e.method == "per-task-lora"), None)
     configs = {}
@@ -92,7 +113,10 @@ def run_comparison(entries: list[Entry], base: dict[str, Any], tasks: list[Task]
         values = {**base, "method": entry.method, **entry.overrides}
         if single is not None and entry is not single:
             values["single_task_results"] = str(out_dir / single.label)
-        configs[entry.label] = TrainConfig.from_dict(values, f"entry {entry.label}")
+        configs[entry.label] = TrainConfig.from_dict(values, f"--methods entry {entry.label}")
+    if before_first is not None:
+        before_first()
+    out_dir.mkdir(parents=True, exist_ok=True)
     rows = []
     for entry in ordered:
         cfg = configs[entry.label]
