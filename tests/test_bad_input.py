@@ -57,6 +57,10 @@ def _train(*extra: str) -> list[str]:
             "--out", "out", *extra]
 
 
+def _eval(*extra: str) -> list[str]:
+    return ["eval", "--tasks", str(FIXTURE), "--max-test", "2", "--max-new-tokens", "2", *extra]
+
+
 def _yaml(text: str):
     """A YAML file holding ``text`` plus small settings for the keys it does not set (flags would
     override the very key under test)."""
@@ -134,6 +138,8 @@ CASES: list[tuple[str, object, tuple[str, ...], object]] = [
     ("buffer-sampling", _train("--buffer-sampling", "foo"), ("--buffer-sampling",), None),
     ("attempt-temperature-0", _train("--attempt-temperature", "0"), ("--attempt-temperature",), None),
     ("model-empty", _train(M, ""), ("--model",), None),
+    ("model-missing-folder", _train(M, "/nonexistent/model"), ("--model", "/nonexistent/model"), None),
+    ("eval-model-missing-folder", _eval(M, "./no_model_here", "--out", "out"), ("--model",), None),
     ("max-source-len-small", _train("--max-source-len", "4"), ("--max-source-len",), None),
     ("grad-accum-0", _train("--grad-accum", "0"), ("--grad-accum",), None),
     # ---- train: --out -----------------------------------------------------------------------------
@@ -199,17 +205,17 @@ CASES: list[tuple[str, object, tuple[str, ...], object]] = [
     ("compare-bool-override", ["compare", "--methods", "a=ewc:ewc_online=maybe", "--tasks", str(FIXTURE), "--out", "out"],
      ("entry a", "ewc_online"), None),
     # ---- eval -------------------------------------------------------------------------------------
-    ("eval-max-test-0", ["eval", "--tasks", str(FIXTURE), "--max-test", "0", "--out", "out"], ("--max-test",), None),
-    ("eval-batch-0", ["eval", "--tasks", str(FIXTURE), "--batch-size", "0", "--out", "out"], ("--batch-size",), None),
-    ("eval-new-tokens-0", ["eval", "--tasks", str(FIXTURE), "--max-new-tokens", "0", "--out", "out"],
+    ("eval-max-test-0", _eval("--max-test", "0", "--out", "out"), ("--max-test",), None),
+    ("eval-batch-0", _eval("--batch-size", "0", "--out", "out"), ("--batch-size",), None),
+    ("eval-new-tokens-0", _eval("--max-new-tokens", "0", "--out", "out"),
      ("--max-new-tokens",), None),
-    ("eval-out-file", ["eval", "--tasks", str(FIXTURE), "--out", "a_file"], ("--out",), None),
-    ("eval-out-under-file", ["eval", "--tasks", str(FIXTURE), "--out", "a_file/x"], ("--out",), None),
-    ("eval-out-proc", ["eval", "--tasks", str(FIXTURE), "--out", "/proc/petmix-x"], ("--out",), None),
-    ("eval-out-empty", ["eval", "--tasks", str(FIXTURE), "--out", ""], ("--out",), None),
-    ("eval-dtype", ["eval", "--tasks", str(FIXTURE), "--dtype", "float8", "--out", "out"], ("--dtype",), None),
+    ("eval-out-file", _eval("--out", "a_file"), ("--out",), None),
+    ("eval-out-under-file", _eval("--out", "a_file/x"), ("--out",), None),
+    ("eval-out-proc", _eval("--out", "/proc/petmix-x"), ("--out",), None),
+    ("eval-out-empty", _eval("--out", ""), ("--out",), None),
+    ("eval-dtype", _eval("--dtype", "float8", "--out", "out"), ("--dtype",), None),
     ("eval-data-missing", ["eval", "--data", "/nonexistent", "--tasks", "x", "--out", "out"], ("--data",), None),
-    ("eval-seed-neg", ["eval", "--tasks", str(FIXTURE), "--seed", "-5", "--out", "out"], ("--seed",), None),
+    ("eval-seed-neg", _eval("--seed", "-5", "--out", "out"), ("--seed",), None),
     ("eval-stream-unknown", ["eval", "--stream", "nope", "--out", "out"], ("stream", "nope"), None),
     # ---- predict ----------------------------------------------------------------------------------
     ("predict-missing-run", ["predict", "no_such_run", "--input", "x"], ("no_such_run",), None),

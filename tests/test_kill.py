@@ -40,19 +40,40 @@ def _tasks(root: Path, n: int) -> str:
     return ",".join(names)
 
 
-def _start(argv: list[str], crash: str | None = None) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONPATH": SRC, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
-           "TOKENIZERS_PARALLELISM": "false", "PETMIX_CRASH_AT": crash or ""}
-    return subprocess.Popen([sys.executable, "-m", "petmix.cli", *argv], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+class Runner:
+    """petmix commands in forked children of one process that imported petmix once (tests/forkrun.py)."""
+
+    def __init__(self, logs: Path):
+        env = {**os.environ, "PYTHONPATH": SRC, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
+               "TOKENIZERS_PARALLELISM": "false"}
+        self.proc = subprocess.Popen([sys.executable, str(Path(__file__).with_name("forkrun.py"))], env=env,
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self.logs, self.n = logs, 0
+
+    def __call__(self, argv: list[str], crash: str | None = None) -> None:
+        self.n += 1
+        log = self.logs / f"run{self.n}.log"
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self.proc.stdin.write(json.dumps({"argv": argv, "crash": crash, "log": str(log)}) + "\n")
+        self.proc.stdin.flush()
+        result = json.loads(self.proc.stdout.readline())
+        text = log.read_text() if log.exists() else ""
+        if crash:
+            assert result["signal"] == 9, f"not killed at {crash} ({result}):\n{text[-3000:]}"
+        else:
+            assert result["rc"] == 0, f"{result}:\n{text[-3000:]}"
+
+    def close(self) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.close()
+        self.proc.wait(timeout=60)
 
 
-def _finish(proc: subprocess.Popen, crash: str | None) -> None:
-    out, _ = proc.communicate(timeout=600)
-    if crash:
-        assert proc.returncode == -9, f"not killed at {crash} (exit {proc.returncode}):\n{out[-3000:]}"
-    else:
-        assert proc.returncode == 0, out[-3000:]
+@pytest.fixture(scope="module")
+def runner(tmp_path_factory):
+    r = Runner(tmp_path_factory.mktemp("logs"))
+    yield r
+    r.close()
 
 
 def _outcome(run: Path) -> dict:
@@ -60,7 +81,7 @@ def _outcome(run: Path) -> dict:
     return {"matrix": res["matrix"], "metrics": res["metrics"], "stage_names": res["stage_names"]}
 
 
-def test_killed_training_resumes_to_the_same_results(tiny_llama_path, tmp_path):
+def test_killed_training_resumes_to_the_same_results(tiny_llama_path, tmp_path, runner):
     tasks = _tasks(tmp_path / "data", 2)
     cfg = tmp_path / "cfg.yaml"
     # ARM with generated pseudo-inputs, so that pseudo-input generation is one of the kill points;
@@ -69,10 +90,9 @@ def test_killed_training_resumes_to_the_same_results(tiny_llama_path, tmp_path):
                    "checkpoint_every: 1\nreplay_source: generated\n"
                    "generator: {epochs: 1, max_train: 8, max_rounds: 1, samples_per_round: 2, max_new_tokens: 6}\n")
     common = ["train", "--config", str(cfg), "--model", str(tiny_llama_path), "--tasks", tasks]
-    reference = _start([*common, "--out", str(tmp_path / "ref")])
+    runner([*common, "--out", str(tmp_path / "ref")])
     run = tmp_path / "killed"
-    points = ["step:2",  # stage 1, between optimiser steps
-              "checkpoint-write:1",  # inside a checkpoint: tensors written, trainer.json not yet
+    points = ["checkpoint-write:2",  # stage 1, inside a checkpoint: tensors written, trainer.json not yet
               "checkpoint-swap:1",  # old checkpoint moved to state.prev, new one not yet in place
               "pseudo",  # ARM: pseudo-inputs generated, not yet stored
               "eval",  # evaluation after stage 1 done, nothing of it written
@@ -80,8 +100,7 @@ def test_killed_training_resumes_to_the_same_results(tiny_llama_path, tmp_path):
               "step:2",  # stage 2, ARM's reflection loss on the stored pseudo-inputs
               None]  # the last process finishes the run
     for point in points:
-        _finish(_start([*common, "--out", str(run)], point), point)
-    _finish(reference, None)
+        runner([*common, "--out", str(run)], point)
     assert _outcome(run) == _outcome(tmp_path / "ref")
     a, b = load_file(run / "adapters.safetensors"), load_file(tmp_path / "ref" / "adapters.safetensors")
     assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)
@@ -92,15 +111,14 @@ def test_killed_training_resumes_to_the_same_results(tiny_llama_path, tmp_path):
             name.endswith(".json")  # the info file records timings
 
 
-def test_killed_comparison_resumes_to_the_same_table(tiny_llama_path, tmp_path):
+def test_killed_comparison_resumes_to_the_same_table(tiny_llama_path, tmp_path, runner):
     tasks = _tasks(tmp_path / "data", 2)
     common = ["compare", "--methods", "a=seq-lora,b=inc-lora", "--model", str(tiny_llama_path), "--tasks", tasks,
               "--epochs", "1", "--batch-size", "2", "--lr", "0.005", "--max-new-tokens", "3", "--checkpoint-every", "1"]
-    reference = _start([*common, "--out", str(tmp_path / "ref")])
-    # Entry a makes 2 x 4 optimiser steps: the 6th is in its second stage, the 10th in entry b's second.
-    for point in ("step:6", "step:2", None):
-        _finish(_start([*common, "--out", str(tmp_path / "killed")], point), point)
-    _finish(reference, None)
+    runner([*common, "--out", str(tmp_path / "ref")])
+    # Entry a makes 2 x 4 optimiser steps: the 6th is in its second stage; then one in entry b.
+    for point in ("step:6", "step:5", None):
+        runner([*common, "--out", str(tmp_path / "killed")], point)
     for label in ("a", "b"):
         assert _outcome(tmp_path / "killed" / label) == _outcome(tmp_path / "ref" / label)
     table = (tmp_path / "killed" / "table.csv").read_text().splitlines()
@@ -109,25 +127,23 @@ def test_killed_comparison_resumes_to_the_same_table(tiny_llama_path, tmp_path):
     assert drop_wall(table) == drop_wall(ref)
 
 
-@pytest.mark.parametrize("damaged", ["state/trainer.safetensors", "state/adapters.safetensors"])
-def test_damaged_checkpoint_is_refused_then_the_previous_one_resumes(tiny_llama_path, tmp_path, damaged, capsys):
+def test_damaged_checkpoint_is_refused_then_the_previous_one_resumes(tiny_llama_path, tmp_path, runner, capsys):
     """A damaged checkpoint gets exit 2 naming the file and state.prev; removing state/ resumes from
-    state.prev to the same result."""
-    from petmix.cli import main
-
-    tasks = _tasks(tmp_path / "data", 2)
-    common = ["train", "--model", str(tiny_llama_path), "--tasks", tasks, "--method", "inc-lora", "--epochs", "1",
-              "--batch-size", "2", "--lr", "0.005", "--max-new-tokens", "2", "--checkpoint-every", "1"]
-    run = tmp_path / "run"
-    _finish(_start([*common, "--out", str(run)], "step:3"), "step:3")
-    path = run / damaged
-    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
-    assert main([*common, "--out", str(run)]) == 2
-    err = capsys.readouterr().err
-    assert damaged.split("/")[1] in err and "state.prev" in err and "Traceback" not in err
+    state.prev (the chain above checks that resuming from state.prev gives the same results)."""
     import shutil
 
-    shutil.rmtree(run / "state")
-    assert main([*common, "--out", str(run)]) == 0
-    assert main([*common, "--out", str(tmp_path / "ref")]) == 0
-    assert _outcome(run) == _outcome(tmp_path / "ref")
+    from petmix.cli import main
+
+    tasks = _tasks(tmp_path / "data", 1)
+    common = ["train", "--model", str(tiny_llama_path), "--tasks", tasks, "--method", "inc-lora", "--epochs", "1",
+              "--batch-size", "2", "--lr", "0.005", "--max-new-tokens", "2", "--checkpoint-every", "1",
+              "--out", str(tmp_path / "run")]
+    runner(common, "step:3")
+    path = tmp_path / "run" / "state" / "trainer.safetensors"
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    assert main(common) == 2
+    err = capsys.readouterr().err
+    assert "trainer.safetensors" in err and "state.prev" in err and "Traceback" not in err
+    shutil.rmtree(tmp_path / "run" / "state")
+    assert main(common) == 0
+    assert len(_outcome(tmp_path / "run")["matrix"]) == 1

@@ -81,6 +81,10 @@ def _check_eval_args(args: argparse.Namespace) -> None:
     check_fields(EvalSettings, {k: v for k, v in vars(args).items() if k in names}, namer("command line", names))
     if args.data is not None and not Path(args.data).expanduser().is_dir():
         raise PetmixError(f"--data: {args.data}: no such folder")
+    if args.model is not None:
+        from petmix.train import check_model_name
+
+        check_model_name(args.model, "--model")
     if args.stream is not None and not args.tasks:
         try:
             resolve_stream(args.stream)

@@ -172,6 +172,7 @@ class TrainConfig:
                 raise PetmixError(f"{name('stream')}: {err}") from None
         if not check_files:
             return
+        check_model_name(self.model, name("model"))
         if self.data is not None and not Path(self.data).expanduser().is_dir():
             raise PetmixError(f"{name('data')}: {self.data}: no such folder")
         sources: list[Path] = []
@@ -233,6 +234,18 @@ TRAIN_BOUNDS: dict[str, Bounds] = {
     "prompt_encoder": Bounds(choices=("none", "mlp", "lstm")), "prompt_encoder_hidden": Bounds(ge=1),
     "attempt_temperature": Bounds(gt=0), "spot_probe_steps": Bounds(ge=1), "import_examples": Bounds(ge=1),
 }
+
+
+def check_model_name(model: str, where: str) -> None:
+    """A model written as a path must be a folder that exists (a hub id like ``org/name`` is left to
+    transformers): otherwise the run would wait on a hub the machine may not reach, then fail."""
+    from petmix.backbone import PACKAGED_MODELS
+
+    path = Path(model).expanduser()
+    looks_like_path = model.startswith(("/", "./", "../", "~")) or path.exists()
+    if looks_like_path and not path.is_dir():
+        raise PetmixError(f"{where}: {model}: no such model folder (or give a packaged model: "
+                          f"{', '.join(PACKAGED_MODELS)})")
 
 
 def _check_unfreeze(text: str, where: str) -> None:
