@@ -111,9 +111,10 @@ def run_comparison(entries: list[Entry], base: dict[str, Any], tasks: list[Task]
     configs = {}
     for entry in ordered:  # every entry's settings are checked before the first one runs
         values = {**base, "method": entry.method, **entry.overrides}
-        if single is not None and entry is not single:
-            values["single_task_results"] = str(out_dir / single.label)
-        configs[entry.label] = TrainConfig.from_dict(values, f"--methods entry {entry.label}")
+        cfg = TrainConfig.from_dict(values, f"--methods entry {entry.label}")
+        if single is not None and entry is not single:  # made by the comparison itself, before this entry
+            cfg.single_task_results = str(out_dir / single.label)
+        configs[entry.label] = cfg
     if before_first is not None:
         before_first()
     out_dir.mkdir(parents=True, exist_ok=True)
