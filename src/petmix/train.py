@@ -672,6 +672,9 @@ class Trainer:
         if loaded is not None:
             progress = loaded[0]
             if progress["stage_done"]:
+                # The random state as the uninterrupted run had it here (the next block's initialisation draws on it).
+                if "rng.torch" in loaded[1]:
+                    torch.set_rng_state(loaded[1]["rng.torch"])
                 start_stage = progress["stage"] + (1 if progress["evaluated"] else 0)
                 log.info("resuming %s after stage %d", self.out, progress["stage"] + 1)
                 if not progress["evaluated"]:
