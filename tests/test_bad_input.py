@@ -248,6 +248,12 @@ CASES: list[tuple[str, object, tuple[str, ...], object]] = [
     ("report-pseudo-truncated", ["report", "run"], ("pseudo", "damaged"),
      lambda: (Path("run/arm.json").write_text('{"pools": {"t1": ["a"]}}'), Path("run/pseudo").mkdir(),
               Path("run/pseudo/t1.jsonl").write_text('{"input": "a"}\n{"in'))),
+    # ---- export -----------------------------------------------------------------------------------
+    ("export-missing-run", ["export", "no_such_run", "--to", "exp"], ("no_such_run",), None),
+    ("export-adapters-truncated", ["export", "run", "--to", "exp"], ("adapters.safetensors", "damaged"),
+     lambda: Path("run/adapters.safetensors").write_bytes(Path("run/adapters.safetensors").read_bytes()[:-5])),
+    ("export-config-damaged", ["export", "run", "--to", "exp"], ("config.json", "damaged"),
+     lambda: Path("run/config.json").write_text('{"method": ')),
     # ---- sources ----------------------------------------------------------------------------------
     ("sources-list-missing", ["sources", "list", "no_such_lib"], ("no_such_lib",), None),
     ("sources-list-damaged", ["sources", "list", "lib"], ("index.json", "damaged"),

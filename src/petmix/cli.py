@@ -424,7 +424,11 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     from petmix.peft_io import export_run
+    from petmix.runs import check_run_folder
 
+    if not Path(args.run).is_dir():
+        raise PetmixError(f"{args.run}: no such run folder")
+    check_run_folder(args.run)  # a damaged file: exit 2 naming it, before anything is written
     for path in export_run(args.run, args.to, overwrite=args.overwrite):
         print(f"wrote {path}")
     return 0
