@@ -252,9 +252,11 @@ def _train_config(args: argparse.Namespace):
     return TrainConfig.from_dict(values, source, flags=flags)
 
 
-def _prepare_run(args: argparse.Namespace, default_stream: str = "default", method: str | None = None):
+def _prepare_run(args: argparse.Namespace, default_stream: str = "default", method: str | None = None,
+                 imports: bool = False):
     """Everything checked before a model loads or a file is written: settings, --out, an existing run
-    folder's files, the task data. Returns (settings, out folder, tasks)."""
+    folder's files, the task data. Returns (settings, out folder, tasks, backbone): ``imports`` checks
+    PEFT adapters to import against the model first (the model is loaded for that, and returned)."""
     from petmix.data.loaders import load_tasks
     from petmix.data.streams import resolve_stream
     from petmix.runs import check_out_dir, check_run_folder, setup_logging
@@ -265,9 +267,14 @@ def _prepare_run(args: argparse.Namespace, default_stream: str = "default", meth
         cfg.method = method
     out = check_out_dir(args.out)
     check_run_folder(out)
+    backbone = None
+    if imports and cfg.import_adapters:  # refuse unusable adapters before the run directory exists
+        from petmix.peft_io import preflight_imports
+
+        backbone = preflight_imports(cfg)
     specs = cfg.tasks or resolve_stream(cfg.stream or default_stream)
     tasks = load_tasks(specs, cfg.data, max_train=cfg.max_train, max_test=cfg.max_test, seed=cfg.seed)
-    return cfg, out, tasks
+    return cfg, out, tasks, backbone
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -275,12 +282,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from petmix.runs import setup_logging
     from petmix.train import Trainer
 
-    cfg, out, tasks = _prepare_run(args)
-    backbone = None
-    if cfg.import_adapters:  # refuse unusable adapters before the run directory exists
-        from petmix.peft_io import preflight_imports
-
-        backbone = preflight_imports(cfg)
+    cfg, out, tasks, backbone = _prepare_run(args, imports=True)
     trainer = Trainer(cfg, tasks, out, backbone=backbone)  # loads the model; checks what only the model can answer
     setup_logging(out, args.verbose)  # the run folder is made only now
     for t in tasks:
@@ -303,7 +305,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
     entries = [Entry.parse(m.strip()) for m in args.methods.split(",") if m.strip()]
     check_entries(entries)
-    cfg, out, tasks = _prepare_run(args)
+    cfg, out, tasks, _ = _prepare_run(args)
     for entry in entries:
         check_run_folder(out / entry.label)
     base = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "method"}
@@ -325,7 +327,7 @@ def cmd_sources_train(args: argparse.Namespace) -> int:
     from petmix.train import Trainer
 
     # source prompts are shallow prompt-tuning prompts (DESIGN.md section 2)
-    cfg, out, tasks = _prepare_run(args, "attempt-sources", method="prompt-tuning")
+    cfg, out, tasks, _ = _prepare_run(args, "attempt-sources", method="prompt-tuning")
     check_run_folder(out / "run")
     trainer = Trainer(cfg, tasks, out / "run")
     setup_logging(out, args.verbose)
