@@ -188,5 +188,5 @@ def test_config_numbers_written_as_yaml_strings_are_read_as_numbers():
 
     cfg = TrainConfig.from_dict({"lr": "3e-4", "max_train": "16"})
     assert cfg.lr == 3e-4 and cfg.max_train == 16
-    with pytest.raises(PetmixError, match="lr must be a number"):
+    with pytest.raises(PetmixError, match="lr: must be a number"):
         TrainConfig.from_dict({"lr": "fast"})

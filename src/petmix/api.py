@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 
 from petmix.backbone import load_backbone
 from petmix.blocks.full import BackbonePool
@@ -14,7 +13,7 @@ from petmix.errors import PetmixError
 from petmix.evaluate import GenerationConfig, generate
 from petmix.methods import get_method
 from petmix.mixture import Mixture
-from petmix.runs import read_json
+from petmix.runs import check_run_folder, load_tensors, read_json
 from petmix.sources import resolve_sources
 from petmix.train import TrainConfig, block_config
 
@@ -31,14 +30,22 @@ class TrainedModel:
     def __init__(self, run_dir: str | Path, model: str | None = None):
         run_dir = Path(run_dir)
         cfg_path, adapters = run_dir / "config.json", run_dir / "adapters.safetensors"
+        if not run_dir.is_dir():
+            raise PetmixError(f"{run_dir}: no such run folder")
         if not cfg_path.is_file() or not adapters.is_file():
             raise PetmixError(f"{run_dir}: not a finished petmix training run (needs config.json and adapters.safetensors)")
+        check_run_folder(run_dir)  # every file read back parses, before the model loads
         self.config = read_json(cfg_path)
-        self.method = get_method(self.config["method"])
-        self.backbone = load_backbone(model or self.config["model"])
-        # Runs made before the router presets existed used the paper's router.
-        saved = {"router": "paper", **self.config}
-        cfg = TrainConfig.from_dict({**saved, "tasks": [], "lora_dropout": 0.0}, str(cfg_path))
+        if not isinstance(self.config, dict) or not isinstance(self.config.get("tasks"), list):
+            raise PetmixError(f"{cfg_path}: not a petmix run configuration (a JSON object with method, model, tasks)")
+        # Settings an older petmix did not write keep their defaults (runs made before the router
+        # presets existed used the paper's router); the ones written are checked.
+        known = {f.name for f in fields(TrainConfig)}
+        written = {"router": "paper", **{k: v for k, v in self.config.items() if k in known}}
+        cfg = TrainConfig.from_dict({**written, "tasks": [], "lora_dropout": 0.0}, str(cfg_path), check_files=False)
+        self.config = {**asdict(cfg), **self.config}
+        self.method = get_method(cfg.method)
+        self.backbone = load_backbone(model or cfg.model)
         sources = resolve_sources(cfg.sources) if cfg.sources else []
         self.mix = Mixture(self.backbone, block_config(cfg, self.method, sources), self.method.routing,
                            cfg.router_hidden, top_k=cfg.l2p_top_k, pool_size=cfg.l2p_pool_size,
@@ -46,7 +53,7 @@ class TrainedModel:
                            temperature=cfg.attempt_temperature, router_preset=cfg.router,
                            router_temperature=cfg.router_temperature)
         self.run_dir = run_dir
-        self.mix.load_adapter_state(load_file(adapters))
+        self.mix.load_adapter_state(load_tensors(adapters))
         self.mix.eval()
         tasks = list(self.config["tasks"])
         if self.method.routing == "key-query":
@@ -72,7 +79,7 @@ class TrainedModel:
             index = self.tasks.index(task)
             if self.method.independent and isinstance(self.mix.pool, BackbonePool) and self._loaded_stage != index:
                 # full-ft, bitfit: one model per task; the task's stage checkpoint holds its weights
-                self.mix.load_adapter_state(load_file(self.run_dir / "checkpoints" / f"stage-{index + 1}.safetensors"))
+                self.mix.load_adapter_state(load_tensors(self.run_dir / "checkpoints" / f"stage-{index + 1}.safetensors"))
                 self._loaded_stage = index
         cfg = GenerationConfig(max_new_tokens or self.config["max_new_tokens"], self.config["eval_batch_size"],
                                self.config["max_source_len"], self.config["chat"])

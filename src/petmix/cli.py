@@ -12,10 +12,12 @@ import argparse
 import logging
 import sys
 import time
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 from petmix.errors import PetmixError
+from petmix.validation import bounds
 
 log = logging.getLogger("petmix")
 
@@ -51,18 +53,59 @@ def _plain_args(args: argparse.Namespace) -> dict[str, Any]:
     return {k: v for k, v in vars(args).items() if k not in ("func", "argv")}
 
 
+@dataclass
+class EvalSettings:
+    """The eval command's settings, checked by the same pass as TrainConfig's (petmix.validation)."""
+
+    model: str | None = None
+    data: str | None = None
+    tasks: str | None = None
+    stream: str | None = None
+    max_train: int | None = field(default=None, metadata=bounds(ge=1))
+    max_test: int | None = field(default=None, metadata=bounds(ge=1))
+    seed: int = field(default=0, metadata=bounds(ge=0, le=2**32 - 1))
+    batch_size: int = field(default=16, metadata=bounds(ge=1))
+    max_new_tokens: int = field(default=50, metadata=bounds(ge=1))
+    max_source_len: int = field(default=512, metadata=bounds(ge=8))
+    chat: bool = False
+    dtype: str = field(default="float32", metadata=bounds(choices=("float32", "fp32", "bfloat16", "bf16",
+                                                                   "float16", "fp16")))
+    bf16: bool = False
+
+
+def _check_eval_args(args: argparse.Namespace) -> None:
+    from petmix.data.streams import resolve_stream
+    from petmix.validation import check_fields, namer
+
+    names = {f.name for f in fields(EvalSettings)}
+    check_fields(EvalSettings, {k: v for k, v in vars(args).items() if k in names}, namer("command line", names))
+    if args.data is not None and not Path(args.data).expanduser().is_dir():
+        raise PetmixError(f"--data: {args.data}: no such folder")
+    if args.model is not None:
+        from petmix.train import check_model_name
+
+        check_model_name(args.model, "--model")
+    if args.stream is not None and not args.tasks:
+        try:
+            resolve_stream(args.stream)
+        except PetmixError as err:
+            raise PetmixError(f"--stream: {err}") from None
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     from petmix.backbone import DEFAULT_MODEL, load_backbone
     from petmix.data.loaders import load_tasks
     from petmix.evaluate import GenerationConfig, evaluate_tasks
     from petmix.metrics import single_row_metrics
-    from petmix.runs import setup_logging, write_json, write_jsonl
+    from petmix.runs import check_out_dir, setup_logging, write_json, write_jsonl
 
-    out = Path(args.out)
-    setup_logging(out, args.verbose)
+    setup_logging(None, args.verbose)
+    _check_eval_args(args)
+    out = check_out_dir(args.out)
     started = time.time()
     tasks = load_tasks(_task_specs(args), args.data, max_train=args.max_train, max_test=args.max_test, seed=args.seed)
     backbone = load_backbone(args.model or DEFAULT_MODEL, dtype=args.dtype)
+    setup_logging(out, args.verbose)  # the run folder is made once the inputs and the model are known good
     log.info("model %s", backbone.describe())
     write_json(out / "config.json", {"command": "eval", **_plain_args(args), "model": backbone.name,
                                      "tasks": [t.name for t in tasks]})
@@ -185,54 +228,77 @@ def _train_config(args: argparse.Namespace, apply_tuned: bool = False):
     from petmix.train import TrainConfig
 
     values: dict[str, Any] = {}
-    if getattr(args, "config", None):
+    if getattr(args, "config", None) is not None:
         path = Path(args.config)
         if not path.is_file():
-            raise PetmixError(f"{path}: config file not found")
+            raise PetmixError(f"--config {args.config}: no such file")
         try:
-            loaded = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+            loaded = yaml.safe_load(path.read_bytes().decode("utf-8"))
+        except UnicodeDecodeError as err:
+            raise PetmixError(f"{path}: not UTF-8 text (byte {err.start})") from None
         except yaml.YAMLError as err:
-            raise PetmixError(f"{path}: malformed YAML ({err})") from err
+            raise PetmixError(f"{path}: malformed YAML ({' '.join(str(err).split())})") from None
+        except OSError as err:
+            raise PetmixError(f"{path}: cannot read it ({err.strerror})") from None
+        if loaded is None:
+            loaded = {}
         if not isinstance(loaded, dict):
-            raise PetmixError(f"{path}: expected a mapping of settings at the top level")
-        values.update({k.replace("-", "_"): v for k, v in loaded.items()})
+            raise PetmixError(f"{path}: expected a mapping of settings (key: value lines) at the top level, "
+                              f"got a {type(loaded).__name__}")
+        values.update({(k.replace("-", "_") if isinstance(k, str) else k): v for k, v in loaded.items()})
     skip = {"func", "command", "config", "out", "verbose", "methods", "sources_command", "tuned", "seeds", "no_floors",
             "tune_tasks", "val_fraction", "val_max", "lr_grid", "option_grid", "tuned_file", "argv"}
-    flags = {k: v for k, v in vars(args).items() if k not in skip}
+    flag_values = {k: v for k, v in vars(args).items() if k not in skip}
+    flags = set(flag_values)
     if apply_tuned and getattr(args, "tuned", None):  # tuned settings override the file, flags override both
         from petmix.tune import read_tuned
 
-        method = flags.get("method") or values.get("method") or "sapt-lora"
+        method = flag_values.get("method") or values.get("method") or "sapt-lora"
         chosen = read_tuned(args.tuned).get(method, {})
         log.info("settings of %s from %s: %s", method, args.tuned, chosen or "none tuned for this method")
         values.update(chosen)
-    values.update(flags)  # flags override the file
+    values.update(flag_values)  # flags override the file
     source = args.config or "command line"
-    return TrainConfig.from_dict(values, source)
+    return TrainConfig.from_dict(values, source, flags=flags)
+
+
+def _prepare_run(args: argparse.Namespace, default_stream: str = "default", method: str | None = None,
+                 imports: bool = False, apply_tuned: bool = False):
+    """Everything checked before a model loads or a file is written: settings, --out, an existing run
+    folder's files, the task data. Returns (settings, out folder, tasks, backbone): ``imports`` checks
+    PEFT adapters to import against the model first (the model is loaded for that, and returned)."""
+    from petmix.data.loaders import load_tasks
+    from petmix.data.streams import resolve_stream
+    from petmix.runs import check_out_dir, check_run_folder, setup_logging
+
+    setup_logging(None, args.verbose)
+    cfg = _train_config(args, apply_tuned=apply_tuned)
+    if method is not None:
+        cfg.method = method
+    out = check_out_dir(args.out)
+    check_run_folder(out)
+    backbone = None
+    if imports and cfg.import_adapters:  # refuse unusable adapters before the run directory exists
+        from petmix.peft_io import preflight_imports
+
+        backbone = preflight_imports(cfg)
+    specs = cfg.tasks or resolve_stream(cfg.stream or default_stream)
+    tasks = load_tasks(specs, cfg.data, max_train=cfg.max_train, max_test=cfg.max_test, seed=cfg.seed,
+                       test_seed=cfg.test_seed)
+    return cfg, out, tasks, backbone
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from petmix.data.loaders import load_tasks
-    from petmix.data.streams import resolve_stream
     from petmix.report import render_report, write_heatmaps
     from petmix.runs import setup_logging
     from petmix.train import Trainer
 
-    cfg = _train_config(args, apply_tuned=True)
-    out = Path(args.out)
-    backbone = None
-    if cfg.import_adapters:  # refuse unusable adapters before the run directory exists
-        from petmix.peft_io import preflight_imports
-
-        backbone = preflight_imports(cfg)
-    setup_logging(out, args.verbose)
-    specs = cfg.tasks or resolve_stream(cfg.stream or "default")
-    tasks = load_tasks(specs, cfg.data, max_train=cfg.max_train, max_test=cfg.max_test, seed=cfg.seed,
-                       test_seed=cfg.test_seed)
+    cfg, out, tasks, backbone = _prepare_run(args, imports=True, apply_tuned=True)
+    trainer = Trainer(cfg, tasks, out, backbone=backbone)  # loads the model; checks what only the model can answer
+    setup_logging(out, args.verbose)  # the run folder is made only now
     for t in tasks:
         for note in t.notes:
             log.info("%s: %s", t.name, note)
-    trainer = Trainer(cfg, tasks, out, backbone=backbone)
     trainer.run()
     if not trainer.main:  # under `accelerate launch`, the main process reports
         return 0
@@ -245,18 +311,17 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_compare(args: argparse.Namespace) -> int:
     import dataclasses
 
-    from petmix.compare import Entry, load_tuned, run_comparison
+    from petmix.compare import Entry, check_entries, load_tuned, run_comparison
     from petmix.data.loaders import load_tasks
     from petmix.data.streams import resolve_stream
-    from petmix.runs import setup_logging
+    from petmix.runs import check_run_folder, setup_logging
     from petmix.tune import command_line
 
-    out = Path(args.out)
-    setup_logging(out, args.verbose)
-    cfg = _train_config(args)
     entries = [Entry.parse(m.strip()) for m in args.methods.split(",") if m.strip()]
-    if not entries:
-        raise PetmixError("--methods: give at least one method")
+    check_entries(entries)
+    cfg, out, tasks, _ = _prepare_run(args)
+    for entry in entries:
+        check_run_folder(out / entry.label)
     specs = cfg.tasks or resolve_stream(cfg.stream or "default")
     seeds = _seed_list(args.seeds) if getattr(args, "seeds", None) else None
     test_seed = cfg.test_seed if cfg.test_seed is not None else (cfg.seed if seeds else None)
@@ -265,12 +330,14 @@ def cmd_compare(args: argparse.Namespace) -> int:
         return load_tasks(specs, cfg.data, max_train=cfg.max_train, max_test=cfg.max_test, seed=seed,
                           test_seed=test_seed)
 
-    tasks = tasks_for_seed(cfg.seed)
+    if seeds:
+        tasks = tasks_for_seed(cfg.seed)
     base = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "method"}
     tuned = load_tuned(args.tuned) if getattr(args, "tuned", None) else {}
     record = {"command": command_line(getattr(args, "argv", None)), "tuned_file": getattr(args, "tuned", None)}
     rows = run_comparison(entries, base, tasks, out, seeds=seeds, tasks_for_seed=tasks_for_seed, tuned=tuned,
-                          floors=not args.no_floors, record=record)
+                          floors=not args.no_floors, record=record,
+                          before_first=lambda: setup_logging(out, args.verbose))
     print((out / "table.md").read_text(encoding="utf-8"))
     print(f"wrote {out / 'table.md'}, {out / 'table.csv'}, {out / 'per_task.md'}, {out / 'matrices.png'}")
     failed = [r["label"] for r in rows if "failed" in r]
@@ -337,20 +404,16 @@ def cmd_tune(args: argparse.Namespace) -> int:
 def cmd_sources_train(args: argparse.Namespace) -> int:
     import shutil
 
-    from petmix.data.loaders import load_tasks
-    from petmix.data.streams import resolve_stream
-    from petmix.runs import read_json, setup_logging
+    from petmix.runs import check_run_folder, read_json, setup_logging
     from petmix.sources import library_table, write_library
     from petmix.train import Trainer
 
-    out = Path(args.out)
+    # source prompts are shallow prompt-tuning prompts (DESIGN.md section 2)
+    cfg, out, tasks, _ = _prepare_run(args, "attempt-sources", method="prompt-tuning")
+    check_run_folder(out / "run")
+    trainer = Trainer(cfg, tasks, out / "run")
     setup_logging(out, args.verbose)
-    cfg = _train_config(args)
-    cfg.method = "prompt-tuning"  # source prompts are shallow prompt-tuning prompts (DESIGN.md section 2)
-    specs = cfg.tasks or resolve_stream(cfg.stream or "attempt-sources")
-    tasks = load_tasks(specs, cfg.data, max_train=cfg.max_train, max_test=cfg.max_test, seed=cfg.seed,
-                       test_seed=cfg.test_seed)
-    Trainer(cfg, tasks, out / "run").run()
+    trainer.run()
     entries = []
     for task in tasks:
         src = out / "run" / "prompts" / f"{task.name}.safetensors"
@@ -384,8 +447,11 @@ def cmd_methods(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from petmix.report import render_report, write_heatmaps
+    from petmix.report import load_results, render_report, write_heatmaps
+    from petmix.runs import check_run_folder
 
+    load_results(args.run)  # a missing, damaged or foreign results.json: exit 2 naming it
+    check_run_folder(args.run)  # and every other file the report reads, before it writes its figures
     print(render_report(args.run))
     for path in write_heatmaps(args.run):
         print(f"wrote {path}")
@@ -395,28 +461,45 @@ def cmd_report(args: argparse.Namespace) -> int:
 def cmd_predict(args: argparse.Namespace) -> int:
     from petmix.api import load
     from petmix.data.task import Task
-    from petmix.data.templates import format_prompt
-    from petmix.runs import read_json
+    from petmix.data.templates import TEMPLATES, format_prompt
+    from petmix.report import load_results
 
-    model = load(args.run)
+    # Every input is checked before the model loads.
+    results = load_results(args.run)
     inputs = list(args.input or [])
-    if args.input_file:
-        inputs += [line.rstrip("\n") for line in Path(args.input_file).read_text(encoding="utf-8").splitlines() if line.strip()]
-    if not inputs:
-        raise PetmixError("give --input TEXT (repeatable) or --input-file FILE")
+    if args.input_file is not None:
+        path = Path(args.input_file)
+        if not path.is_file():
+            raise PetmixError(f"--input-file {args.input_file}: no such file")
+        try:
+            text = path.read_bytes().decode("utf-8")
+        except UnicodeDecodeError as err:
+            raise PetmixError(f"--input-file {path}: not UTF-8 text (byte {err.start})") from None
+        except OSError as err:
+            raise PetmixError(f"--input-file {path}: cannot read it ({err.strerror})") from None
+        inputs += [line for line in text.splitlines() if line.strip()]
+    if not inputs or not any(x.strip() for x in inputs):
+        raise PetmixError("--input: give --input TEXT (repeatable) or --input-file FILE with non-empty lines")
+    if args.template is not None and args.template not in TEMPLATES:
+        raise PetmixError(f"--template: must be one of: {', '.join(TEMPLATES)}; got {args.template!r}")
+    per_task = results.get("per_task") if isinstance(results.get("per_task"), dict) else {}
+    if args.task is not None and args.task not in results["tasks"]:
+        raise PetmixError(f"--task: {args.task!r} is not a task of this run ({', '.join(results['tasks'])})")
     if args.raw:
         prompts = inputs
     else:
-        per_task = read_json(Path(args.run) / "results.json").get("per_task", {})
         info = per_task.get(args.task) if args.task else next(iter(per_task.values()), {})
-        if args.task and info is None:
-            raise PetmixError(f"--task {args.task!r} is not a task of this run ({', '.join(per_task)})")
+        info = info if isinstance(info, dict) else {}
         definition = args.definition if args.definition is not None else (info.get("definition", "") if args.task else "")
-        shell = Task("input", definition, "rougeL", [], [], args.template or info.get("template", "plain"))
+        template = args.template or info.get("template", "plain")
+        if template not in TEMPLATES:
+            template = "plain"
+        shell = Task("input", str(definition), "rougeL", [], [], template)
         prompts = [format_prompt(shell, text) for text in inputs]
+    model = load(args.run)
     answers = model.generate(prompts, task=args.task)
     for text, ans in zip(inputs, answers):
-        print(f"input:  {text}\noutput: {ans.text}")
+        print(f"input:  {_printable(text)}\noutput: {_printable(ans.text)}")
         if ans.router_weights:
             ranked = sorted(ans.router_weights.items(), key=lambda kv: -kv[1])
             print("router: " + ", ".join(f"{k} {v:.3f}" for k, v in ranked))
@@ -425,10 +508,20 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     from petmix.peft_io import export_run
+    from petmix.runs import check_run_folder
 
+    if not Path(args.run).is_dir():
+        raise PetmixError(f"{args.run}: no such run folder")
+    check_run_folder(args.run)  # a damaged file: exit 2 naming it, before anything is written
     for path in export_run(args.run, args.to, overwrite=args.overwrite):
         print(f"wrote {path}")
     return 0
+
+
+def _printable(text: str, limit: int = 300) -> str:
+    """Text safe to echo on a terminal: control characters (escape codes) shown escaped, long text cut."""
+    shown = "".join(c if c.isprintable() or c == " " else repr(c)[1:-1] for c in text)
+    return shown if len(shown) <= limit else shown[:limit] + f"... ({len(text)} characters)"
 
 
 def _add_train_flags(p: argparse.ArgumentParser, with_method: bool = True) -> None:

@@ -15,6 +15,7 @@ import csv
 import dataclasses
 import io
 import logging
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,13 +44,29 @@ class Entry:
         """``label=method:key=value:key=value`` or just ``method``."""
         head, *items = text.split(":")
         label, _, method = head.rpartition("=")
+        label = label.strip() or method.strip()
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._+-]*", label):
+            raise PetmixError(f"--methods entry {text!r}: label {label!r} must be a plain folder name "
+                              "(letters, digits, . _ + -)")
         overrides: dict[str, Any] = {}
         for item in items:
             key, sep, value = item.partition("=")
             if not sep:
                 raise PetmixError(f"--methods entry {text!r}: expected key=value after ':', got {item!r}")
             overrides[key.replace("-", "_")] = _value(value)
-        return cls(label or method, method, overrides)
+        return cls(label, method.strip(), overrides)
+
+
+def check_entries(entries: list[Entry]) -> None:
+    """Each entry trains into OUT/<label>: two entries with one label would share (and misreport) a run."""
+    if not entries:
+        raise PetmixError("--methods: give at least one method")
+    seen: set[str] = set()
+    for e in entries:
+        if e.label in seen:
+            raise PetmixError(f"--methods: the label {e.label!r} is used twice; give each entry its own "
+                              f"label (label=method, e.g. {e.label}-2={e.method})")
+        seen.add(e.label)
 
 
 def _value(text: str) -> Any:
@@ -115,16 +132,18 @@ def entry_values(entry: Entry, base: dict[str, Any], tuned: dict[str, dict[str, 
 def run_comparison(entries: list[Entry], base: dict[str, Any], tasks: list[Task], out_dir: str | Path, *,
                    seeds: list[int] | None = None, tasks_for_seed: Callable[[int], list[Task]] | None = None,
                    tuned: dict[str, dict[str, Any]] | None = None, floors: bool = False,
-                   record: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+                   record: dict[str, Any] | None = None,
+                   before_first: Callable[[], None] | None = None) -> list[dict[str, Any]]:
     """Train every entry (once per seed with ``seeds``) and write the tables; returns one row per entry
     (floors first when ``floors``).
 
     Without ``seeds`` each entry trains once into ``OUT/<label>`` (the layout of earlier petmix). With
     ``seeds`` each runs into ``OUT/<label>/seed-<s>`` on ``tasks_for_seed(s)`` (the seed's training
     sample, one test set for all seeds); a finished seed is read, an unfinished one resumes, and a
-    finished ``OUT/<label>`` of the earlier layout counts as the seed it ran with."""
+    finished ``OUT/<label>`` of the earlier layout counts as the seed it ran with. Every run's settings
+    are checked before anything is written; ``before_first`` runs then (the CLI starts its log there)."""
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    check_entries(entries)
     tuned = tuned or {}
     multi = seeds is not None
     seed_list = list(seeds) if multi else [int(base.get("seed", 0) or 0)]
@@ -153,14 +172,17 @@ def run_comparison(entries: list[Entry], base: dict[str, Any], tasks: list[Task]
             values = entry_values(entry, base, tuned)
             if multi:
                 values.update(seed=seed, test_seed=test_seed)
-            if single is not None and entry is not single:
-                values["single_task_results"] = str(run_dir(single, seed))
-            cfg = TrainConfig.from_dict(values, f"entry {entry.label}" + (f" seed {seed}" if multi else ""))
+            cfg = TrainConfig.from_dict(values, f"--methods entry {entry.label}" + (f" seed {seed}" if multi else ""))
+            if single is not None and entry is not single:  # made by the comparison itself, before this entry
+                cfg.single_task_results = str(run_dir(single, seed))
             diff = run_settings_diff(run_dir(entry, seed), cfg, names)
             if diff and _finished(run_dir(entry, seed), 1 if get_method(cfg.method).joint else len(tasks)):
                 raise PetmixError(f"{run_dir(entry, seed)} holds a finished run with other settings ({diff}); "
                                   "use a new --out or the same settings")
             configs[entry.label, seed] = cfg
+    if before_first is not None:
+        before_first()
+    out_dir.mkdir(parents=True, exist_ok=True)
     write_json(out_dir / "compare.json", {**(record or {}), "entries": [e.label for e in entries],
                                           "seeds": seed_list if multi else None, "test_seed": test_seed,
                                           "tuned": tuned or None, "noise_rule": NOISE_RULE if multi else None})

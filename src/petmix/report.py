@@ -14,14 +14,25 @@ from pathlib import Path
 from typing import Any
 
 from petmix.errors import PetmixError
-from petmix.runs import read_json
+from petmix.runs import damaged, read_json, read_jsonl
 
 
 def load_results(run_dir: str | Path) -> dict[str, Any]:
     path = Path(run_dir) / "results.json"
+    if not Path(run_dir).is_dir():
+        raise PetmixError(f"{run_dir}: no such run folder")
     if not path.is_file():
         raise PetmixError(f"{path}: no results (is {run_dir} a petmix run directory?)")
-    return read_json(path)
+    results = read_json(path)
+    tasks = results.get("tasks") if isinstance(results, dict) else None
+    matrix = results.get("matrix") if isinstance(results, dict) else None
+    ok = (isinstance(tasks, list) and isinstance(matrix, list) and isinstance(results.get("metrics"), dict)
+          and all(isinstance(r, list) and len(r) == len(tasks) for r in matrix)
+          and all(v is None or isinstance(v, (int, float)) for r in matrix for v in r))
+    if not ok:
+        raise damaged(path, "not a results file (needs tasks, a matrix with one score per task in each row, "
+                            "and metrics)")
+    return results
 
 
 def _fmt(v: float | None) -> str:
@@ -50,7 +61,7 @@ def test_router_weights(run_dir: str | Path, results: dict[str, Any]) -> list[li
         path = Path(run_dir) / "predictions" / f"{task}.jsonl"
         if not path.is_file():
             return None
-        weights = [json.loads(line).get("router_weights") for line in path.read_text().splitlines() if line]
+        weights = [r.get("router_weights") for r in read_jsonl(path) if isinstance(r, dict)]
         weights = [w for w in weights if w]
         if not weights:
             return None
@@ -69,7 +80,7 @@ def source_attention(run_dir: str | Path, results: dict[str, Any]) -> list[list[
         path = Path(run_dir) / "predictions" / f"{task}.jsonl"
         if not path.is_file():
             return None
-        weights = [w for w in (json.loads(x).get("router_weights") for x in path.read_text().splitlines() if x) if w]
+        weights = [w for w in (r.get("router_weights") for r in read_jsonl(path) if isinstance(r, dict)) if w]
         if not weights:
             return None
         cols = list(range(m)) + [m + t]

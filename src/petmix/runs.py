@@ -16,6 +16,8 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from petmix.errors import PetmixError
+
 
 def _atomic_write(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -34,8 +36,171 @@ def write_json(path: str | Path, obj: Any) -> None:
 
 
 def read_json(path: str | Path) -> Any:
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
+    """Parse a JSON file petmix (or the user) wrote; a damaged or unreadable one is a PetmixError
+    that names the file and says what to do (exit status 2, no traceback)."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise PetmixError(f"{path}: file not found") from None
+    except IsADirectoryError:
+        raise PetmixError(f"{path}: is a folder, expected a JSON file") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise damaged(path, f"cannot read it: {err}") from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as err:
+        raise damaged(path, f"not valid JSON (line {err.lineno}, column {err.colno}: {err.msg})") from None
+
+
+def read_jsonl(path: str | Path) -> list[Any]:
+    """The rows of a JSON-lines file; a damaged line is a PetmixError naming the file and line."""
+    path = Path(path)
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        raise PetmixError(f"{path}: file not found") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise damaged(path, f"cannot read it: {err}") from None
+    rows = []
+    for lineno, line in enumerate(lines, start=1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as err:
+                raise damaged(path, f"line {lineno} is not valid JSON ({err.msg})") from None
+    return rows
+
+
+def damaged(path: Path, problem: str) -> PetmixError:
+    """The error for a file petmix cannot read back: which file, what is wrong, what to do."""
+    return PetmixError(f"{path}: damaged file: {problem}. {_advice(path)}")
+
+
+def _advice(path: Path) -> str:
+    parts = path.parts
+    if "state" in parts:
+        run = Path(*parts[: parts.index("state")])
+        if (run / "state.prev").is_dir():
+            return (f"The previous checkpoint is kept in {run / 'state.prev'}: remove {run / 'state'} to resume "
+                    "from it, or start a new --out")
+        return f"Remove {run / 'state'} to resume from the last finished stage, or start a new --out"
+    if path.name == "config.json":
+        return "Remove it to resume with the settings given now, or start a new --out"
+    return "Restore it from a copy, or start the run again with a new --out"
+
+
+def load_tensors(path: str | Path) -> dict[str, Any]:
+    """A safetensors file, checked first (header parses, tensor sizes add up to the file size)."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    verify_safetensors(path)
+    try:
+        return load_file(path)
+    except Exception as err:  # safetensors raises its own error types; any of them means a bad file
+        raise damaged(path, f"cannot load it ({err})") from None
+
+
+def verify_safetensors(path: str | Path) -> None:
+    """Check a safetensors file without loading it: 8-byte header length, JSON header, and data
+    offsets that end exactly at the end of the file (a truncated file fails here)."""
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise damaged(path, f"{size} bytes, too short for a safetensors file")
+            n = int.from_bytes(head, "little")
+            if n <= 0 or 8 + n > size:
+                raise damaged(path, f"header length {n} does not fit in {size} bytes (cut short?)")
+            header = json.loads(f.read(n).decode("utf-8"))
+    except FileNotFoundError:
+        raise PetmixError(f"{path}: file not found") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise damaged(path, f"unreadable safetensors header ({err})") from None
+    if not isinstance(header, dict):
+        raise damaged(path, "safetensors header is not a JSON object")
+    ends = [v.get("data_offsets", [0, 0])[1] for k, v in header.items() if k != "__metadata__" and isinstance(v, dict)]
+    if 8 + n + max(ends, default=0) != size:
+        raise damaged(path, f"{size} bytes, but its header describes {8 + n + max(ends, default=0)} (cut short?)")
+
+
+def check_run_folder(run_dir: str | Path) -> None:
+    """Check every file petmix reads back from a run folder (JSON parses, JSON lines parse,
+    safetensors headers match their sizes) before any work starts. Temporary folders of an
+    interrupted write (hidden names) and the previous checkpoint (checked only if used) are skipped."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        return
+    for path in sorted(run_dir.rglob("*")):
+        rel = path.relative_to(run_dir).parts
+        if any(p.startswith(".") for p in rel) or "state.prev" in rel or not path.is_file():
+            continue
+        if path.suffix == ".json":
+            read_json(path)
+        elif path.suffix == ".jsonl":
+            read_jsonl(path)
+        elif path.suffix == ".safetensors":
+            verify_safetensors(path)
+
+
+# Names petmix itself puts in a run, comparison or library folder: an existing --out holding
+# none of them (and other files) is somebody else's folder.
+_OUR_NAMES = {"config.json", "results.json", "state", "state.prev", "log.txt", "index.json", "table.md", "run",
+              "stages.json", "predictions", "checkpoints", "adapters.safetensors"}
+
+
+def check_out_dir(text: str | None, flag: str = "--out") -> Path:
+    """The output folder: a folder path (not empty, not a file, not under a file) in a writable
+    place. Checked before anything is created; nothing is created here."""
+    if text is None or not str(text).strip():
+        raise PetmixError(f"{flag}: give a folder path (an empty path would write into the current folder)")
+    path = Path(text).expanduser()
+    if "\x00" in str(text):
+        raise PetmixError(f"{flag}: the path holds a NUL character")
+    if path.exists() and not path.is_dir():
+        raise PetmixError(f"{flag} {text}: is a file, not a folder; give a folder path")
+    if path.is_dir():
+        entries = {p.name for p in path.iterdir()}
+        if entries and not entries & _OUR_NAMES:
+            raise PetmixError(f"{flag} {text}: the folder holds files that are not a petmix run "
+                              f"({', '.join(sorted(entries)[:5])}); give a new or empty folder")
+        probe = path
+    else:
+        probe = path.absolute().parent
+        while not probe.exists():
+            probe = probe.parent
+        if not probe.is_dir():
+            raise PetmixError(f"{flag} {text}: {probe} is a file, so no folder can be made under it")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise PetmixError(f"{flag} {text}: {probe} is not writable")
+    try:  # os.access says yes to root even where nothing can be made (/proc): try for real
+        tempfile.TemporaryDirectory(dir=probe, prefix=".petmix-probe-").cleanup()
+    except OSError as err:
+        raise PetmixError(f"{flag} {text}: cannot create a folder in {probe} ({err.strerror})") from None
+    return path
+
+
+_CRASH_HITS: dict[str, int] = {}
+
+
+def crash_point(name: str) -> None:
+    """Fault injection for the kill tests: ``PETMIX_CRASH_AT=name`` (or ``name:k``, the k-th time)
+    makes the process kill itself with SIGKILL here, as a power cut or ``kill -9`` would."""
+    spec = os.environ.get("PETMIX_CRASH_AT")
+    if not spec:
+        return
+    target, _, nth = spec.partition(":")
+    if target != name:
+        return
+    _CRASH_HITS[name] = _CRASH_HITS.get(name, 0) + 1
+    if _CRASH_HITS[name] == int(nth or 1):
+        import signal
+
+        sys.stderr.flush()
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def write_jsonl(path: str | Path, rows: Iterable[dict]) -> None:

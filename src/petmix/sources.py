@@ -36,7 +36,7 @@ def resolve_sources(specs: list[str]) -> list[Path]:
         if path.is_dir():
             index = path / "index.json"
             if index.is_file():
-                out += [path / e["file"] for e in read_json(index)["prompts"]]
+                out += [path / e["file"] for e in _index_entries(index)]
             else:
                 out += sorted(path.glob("*.safetensors"))
         elif path.is_file():
@@ -56,6 +56,15 @@ def find_source(name: str, sources: list[Path]) -> Path:
     raise PetmixError(f"no source prompt named {name!r} among {[p.stem for p in sources]}")
 
 
+def _index_entries(index: Path) -> list[dict[str, Any]]:
+    """The entries of a library's index.json, checked: each names its prompt file."""
+    data = read_json(index)
+    rows = data.get("prompts") if isinstance(data, dict) else None
+    if not isinstance(rows, list) or not all(isinstance(e, dict) and isinstance(e.get("file"), str) for e in rows):
+        raise PetmixError(f"{index}: not a source-prompt index (expected {{\"prompts\": [{{\"file\": ...}}, ...]}})")
+    return rows
+
+
 def write_library(out_dir: str | Path, entries: list[dict[str, Any]]) -> Path:
     """``index.json`` of a library: one entry per prompt (file, task, score, ...)."""
     out_dir = Path(out_dir)
@@ -67,7 +76,7 @@ def library_table(out_dir: str | Path) -> str:
     index = Path(out_dir) / "index.json"
     if not index.is_file():
         raise PetmixError(f"{index}: not a source-prompt library (no index.json)")
-    rows = read_json(index)["prompts"]
+    rows = _index_entries(index)
     lines = ["| prompt | task | metric | score | length | backbone | steps |", "|---|---|---|---|---|---|---|"]
     for e in rows:
         lines.append(f"| {e['file']} | {e['task']} | {e.get('metric', '')} | {e.get('score', '')} | "

@@ -11,14 +11,15 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import re
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
 from petmix.backbone import DEFAULT_MODEL, Backbone, cpu_has_fast_bf16, load_backbone
@@ -37,8 +38,18 @@ from petmix.metrics import ROUTING_DEFINITION, cl_metrics, routing_accuracy, sin
 from petmix.mixture import BlockConfig, Mixture
 from petmix.peft_io import read_run_imports, use_imported_block
 from petmix.router import ROUTER_PRESETS
-from petmix.runs import read_json, save_tensors, write_json, write_jsonl
-from petmix.sources import export_prompt, find_source, resolve_sources
+from petmix.runs import (
+    check_run_folder,
+    crash_point,
+    load_tensors,
+    read_json,
+    save_tensors,
+    verify_safetensors,
+    write_json,
+    write_jsonl,
+)
+from petmix.sources import export_prompt, find_source, prompt_meta, resolve_sources
+from petmix.validation import Bounds, check_fields, namer
 
 log = logging.getLogger(__name__)
 
@@ -123,71 +134,158 @@ class TrainConfig:
     import_examples: int = 32
 
     @classmethod
-    def from_dict(cls, values: dict[str, Any], source: str = "config") -> TrainConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        values = {k.replace("-", "_"): v for k, v in values.items()}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise PetmixError(f"{source}: unknown keys {unknown} (known: {sorted(known)})")
-        if isinstance(values.get("tasks"), str):
-            values["tasks"] = [t.strip() for t in values["tasks"].split(",") if t.strip()]
-        if isinstance(values.get("sources"), str):
-            values["sources"] = [t.strip() for t in values["sources"].split(",") if t.strip()]
-        if isinstance(values.get("import_adapters"), str):
-            values["import_adapters"] = [t.strip() for t in values["import_adapters"].split(",") if t.strip()]
-        if isinstance(values.get("target_modules"), str):
-            values["target_modules"] = [t.strip() for t in values["target_modules"].split(",") if t.strip()]
-        for f in dataclasses.fields(cls):  # YAML 1.1 reads "3e-4" as a string: numbers are meant
-            v = values.get(f.name)
-            if isinstance(v, str) and f.type in ("float", "float | None", "int", "int | None"):
-                try:
-                    values[f.name] = float(v) if "float" in f.type else int(v)
-                except ValueError:
-                    raise PetmixError(f"{source}: {f.name} must be a number, not {v!r}") from None
-        cfg = cls(**values)
-        cfg.validate(source)
+    def from_dict(cls, values: dict[str, Any], source: str = "config", flags: set[str] | None = None,
+                  check_files: bool = True) -> TrainConfig:
+        """Settings from a mapping (a YAML file, flags, a compare entry, a run's config.json), checked by
+        one pass derived from the fields' type hints and bounds (petmix.validation) and then by
+        :meth:`validate`. ``flags``: keys given on the command line (messages name them as flags)."""
+        name = namer(source, frozenset(flags or ()))
+        values = {(k.replace("-", "_") if isinstance(k, str) else k): v for k, v in values.items()}
+        cfg = cls(**check_fields(cls, values, name, TRAIN_BOUNDS))
+        cfg.validate(source, name, check_files=check_files)
         return cfg
 
-    def validate(self, source: str = "config") -> None:
-        get_method(self.method)
+    def validate(self, source: str = "config", name: Callable[[str], str] | None = None,
+                 check_files: bool = True) -> None:
+        """Relations between settings, and the files they name (``check_files``); types and ranges
+        are :func:`petmix.validation.check_fields`' job. Nothing here loads a model or writes a file."""
+        name = name or namer(source)
+        try:
+            get_method(self.method)
+        except PetmixError as err:
+            raise PetmixError(f"{name('method')}: {err}") from None
         checks = [
-            (self.epochs > 0, "epochs must be > 0"),
-            (self.lr > 0, "lr must be > 0"),
-            (self.batch_size >= 1, "batch_size must be >= 1"),
-            (self.grad_accum >= 1, "grad_accum must be >= 1"),
-            (self.lora_r >= 1, "lora_r must be >= 1"),
-            (self.eval_scope in ("seen", "all"), "eval_scope must be 'seen' or 'all'"),
-            (self.max_source_len >= 8 and self.max_target_len >= 2, "max lengths too small"),
-            (self.kl_ratio >= 0, "kl_ratio must be >= 0"),
-            (self.replay_source in REPLAY_SOURCES, f"replay_source must be one of {', '.join(REPLAY_SOURCES)}"),
-            (self.router in ROUTER_PRESETS, f"router must be one of {', '.join(ROUTER_PRESETS)}"),
-            (self.router_temperature is None or self.router_temperature > 0, "router_temperature must be > 0"),
-            (self.replay_batch_size >= 1 and self.replay_every >= 1, "replay_batch_size and replay_every must be >= 1"),
-            (0 < self.heldout_fraction < 1, "heldout_fraction must lie in (0, 1)"),
-            (1 <= self.l2p_top_k <= self.l2p_pool_size, "l2p_top_k must lie in 1..l2p_pool_size"),
-            (self.lwf_temperature > 0 and self.lwf_topk >= 1, "lwf_temperature must be > 0 and lwf_topk >= 1"),
-            (self.prompt_depth in (None, "shallow", "deep"), "prompt_depth must be 'shallow' or 'deep'"),
-            (self.buffer_sampling in ("random", "balanced"), "buffer_sampling must be 'random' or 'balanced'"),
-            (self.attempt_temperature is None or self.attempt_temperature > 0, "attempt_temperature must be > 0"),
-            (self.prompt_encoder in (None, "none", "mlp", "lstm"), "prompt_encoder must be none, mlp or lstm"),
-            (self.method not in ("attempt", "attempt-m", "spot") or bool(self.sources),
+            (self.l2p_top_k <= self.l2p_pool_size, "l2p_top_k", f"must be <= l2p_pool_size ({self.l2p_pool_size})"),
+            (self.method not in ("attempt", "attempt-m", "spot") or bool(self.sources), "sources",
              f"method {self.method} needs source prompts: set sources (see `petmix sources train`)"),
         ]
-        for ok, problem in checks:
+        for ok, key, problem in checks:
             if not ok:
-                raise PetmixError(f"{source}: {problem}")
+                raise PetmixError(f"{name(key)}: {problem}")
+        _check_unfreeze(self.unfreeze, name("unfreeze"))
+        self.generator_config(name("generator"))
+        if self.stream is not None:
+            from petmix.data.streams import resolve_stream
 
-    def generator_config(self):
+            try:
+                resolve_stream(self.stream)
+            except PetmixError as err:
+                raise PetmixError(f"{name('stream')}: {err}") from None
+        if not check_files:
+            return
+        check_model_name(self.model, name("model"))
+        if self.data is not None and not Path(self.data).expanduser().is_dir():
+            raise PetmixError(f"{name('data')}: {self.data}: no such folder")
+        sources: list[Path] = []
+        if self.sources:
+            try:
+                sources = resolve_sources(self.sources)
+                for path in sources:
+                    verify_safetensors(path)
+            except PetmixError as err:
+                raise PetmixError(f"{name('sources')}: {err}") from None
+        if self.prompt_init != "vocab" and not Path(self.prompt_init).is_file():
+            known = [p.stem for p in sources]
+            if not sources or self.prompt_init not in known + [prompt_meta(p).get("task") for p in sources]:
+                raise PetmixError(f"{name('prompt_init')}: {self.prompt_init!r} is not 'vocab', an existing prompt "
+                                  f".safetensors file, or the name of a source prompt ({', '.join(known) or 'no sources'})")
+        if Path(self.prompt_init).is_file():
+            verify_safetensors(self.prompt_init)
+        if self.single_task_results is not None:
+            path = Path(self.single_task_results)
+            path = path / "results.json" if path.is_dir() else path
+            if not path.is_file():
+                raise PetmixError(f"{name('single_task_results')}: {path}: no such results file")
+            _single_task_diagonal(read_json(path), path)
+
+    def generator_config(self, where: str = "generator"):
+        """ARM's generator settings: the ``generator:`` mapping checked like the top-level keys."""
         from petmix.replay.generator import GeneratorConfig
 
-        known = {f.name for f in dataclasses.fields(GeneratorConfig)}
-        unknown = sorted(set(self.generator) - known)
-        if unknown:
-            raise PetmixError(f"generator: unknown keys {unknown} (known: {sorted(known)})")
-        return GeneratorConfig(**{"bf16": self.bf16, "seed": self.seed, **self.generator})
+        values = check_fields(GeneratorConfig, self.generator, lambda k: f"{where}.{k}")
+        gcfg = GeneratorConfig(**{"bf16": self.bf16, "seed": self.seed, **values})
+        try:
+            gcfg.validate()
+        except PetmixError as err:
+            raise PetmixError(f"{where}: {str(err).removeprefix('generator config: ')}") from None
+        return gcfg
 
     def generation(self) -> GenerationConfig:
         return GenerationConfig(self.max_new_tokens, self.eval_batch_size, self.max_source_len, self.chat)
+
+
+# Ranges and accepted values of TrainConfig's settings (petmix.validation.check_fields). A field
+# may declare its bounds in its own metadata instead; an int field declared nowhere must be >= 0.
+TRAIN_BOUNDS: dict[str, Bounds] = {
+    "epochs": Bounds(gt=0, le=1e6), "lr": Bounds(gt=0), "batch_size": Bounds(ge=1), "grad_accum": Bounds(ge=1),
+    "max_train": Bounds(ge=1), "max_test": Bounds(ge=1), "max_source_len": Bounds(ge=8),
+    "max_target_len": Bounds(ge=2), "seed": Bounds(ge=0, le=2**32 - 1),
+    "lora_r": Bounds(ge=1), "lora_alpha": Bounds(gt=0), "lora_dropout": Bounds(ge=0, lt=1),
+    "prompt_length": Bounds(ge=1), "router_hidden": Bounds(ge=1), "eval_scope": Bounds(choices=("seen", "all")),
+    "eval_batch_size": Bounds(ge=1), "max_new_tokens": Bounds(ge=1), "checkpoint_every": Bounds(ge=1),
+    "router_lr": Bounds(gt=0), "kl_ratio": Bounds(ge=0), "replay_source": Bounds(choices=tuple(REPLAY_SOURCES)),
+    "router": Bounds(choices=tuple(ROUTER_PRESETS)), "router_temperature": Bounds(gt=0),
+    "replay_batch_size": Bounds(ge=1), "replay_every": Bounds(ge=1), "heldout_fraction": Bounds(gt=0, lt=1),
+    "heldout_max": Bounds(ge=1), "olora_lambda1": Bounds(ge=0), "olora_lambda2": Bounds(ge=0),
+    "ewc_lambda": Bounds(ge=0), "ewc_gamma": Bounds(ge=0, le=1), "ewc_fisher_batches": Bounds(ge=1),
+    "buffer_per_task": Bounds(ge=0), "buffer_total": Bounds(ge=1), "buffer_per_batch": Bounds(ge=0),
+    "buffer_sampling": Bounds(choices=("random", "balanced")), "lwf_alpha": Bounds(ge=0),
+    "lwf_temperature": Bounds(gt=0), "lwf_topk": Bounds(ge=1), "l2p_pool_size": Bounds(ge=1),
+    "l2p_top_k": Bounds(ge=1), "l2p_lambda": Bounds(ge=0), "prompt_depth": Bounds(choices=("shallow", "deep")),
+    "prompt_encoder": Bounds(choices=("none", "mlp", "lstm")), "prompt_encoder_hidden": Bounds(ge=1),
+    "attempt_temperature": Bounds(gt=0), "spot_probe_steps": Bounds(ge=1), "import_examples": Bounds(ge=1),
+}
+
+
+def check_model_name(model: str, where: str) -> None:
+    """A model written as a path must be a folder that exists (a hub id like ``org/name`` is left to
+    transformers): otherwise the run would wait on a hub the machine may not reach, then fail."""
+    from petmix.backbone import PACKAGED_MODELS
+
+    path = Path(model).expanduser()
+    looks_like_path = model.startswith(("/", "./", "../", "~")) or path.exists()
+    if looks_like_path and not path.is_dir():
+        raise PetmixError(f"{where}: {model}: no such model folder (or give a packaged model: "
+                          f"{', '.join(PACKAGED_MODELS)})")
+
+
+def _check_unfreeze(text: str, where: str) -> None:
+    """seq-ft/full-ft's selection: all, last:N (N >= 1) or a regular expression that compiles."""
+    if text == "all":
+        return
+    if text.startswith("last:"):
+        n = text.split(":", 1)[1]
+        if not n.isdigit() or int(n) < 1:
+            raise PetmixError(f"{where}: last:N needs a whole number N >= 1, got {text!r}")
+        return
+    try:
+        re.compile(text)
+    except re.error as err:
+        raise PetmixError(f"{where}: {text!r} is neither all, last:N nor a valid regular expression ({err})") from None
+
+
+def _single_task_diagonal(ref: Any, path: Path) -> dict[str, Any]:
+    """A single-task reference run's a[i][i] per task name (FWT's s[i])."""
+    ok = (isinstance(ref, dict) and isinstance(ref.get("tasks"), list) and isinstance(ref.get("matrix"), list)
+          and ref["matrix"] and all(isinstance(r, list) and len(r) == len(ref["tasks"]) for r in ref["matrix"]))
+    if not ok:
+        raise PetmixError(f"{path}: not a petmix results file (needs tasks and a matrix with a row per stage)")
+    return {n: ref["matrix"][min(i, len(ref["matrix"]) - 1)][i] for i, n in enumerate(ref["tasks"])}
+
+
+def check_model_settings(cfg: TrainConfig, backbone: Backbone, method: Method) -> None:
+    """The relations only the loaded model can answer (right after it loads, before anything is
+    written): LoRA target modules exist as linear layers; an unfreeze pattern selects something."""
+    names = {n.rsplit(".", 1)[-1] for n, m in backbone.model.named_modules() if isinstance(m, torch.nn.Linear)}
+    if method.block == "lora" and cfg.target_modules:
+        missing = [t for t in cfg.target_modules if t not in names]
+        if missing:
+            raise PetmixError(f"target_modules: {missing} {'is' if len(missing) == 1 else 'are'} not linear layers of "
+                              f"{backbone.name}; its linear layers: {', '.join(sorted(names))}")
+    if method.block == "full" and cfg.unfreeze != "all" and not cfg.unfreeze.startswith("last:"):
+        pattern = re.compile(cfg.unfreeze)
+        if not any(pattern.search(n) for n, _ in backbone.model.named_parameters()):
+            raise PetmixError(f"unfreeze: the pattern {cfg.unfreeze!r} matches no parameter of {backbone.name}")
 
 
 def stages_wall_seconds(stages: list[dict[str, Any]]) -> float:
@@ -264,6 +362,7 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         self.backbone = backbone or load_backbone(cfg.model)
         self.backbone.model.to(self.accelerator.device)
+        check_model_settings(cfg, self.backbone, self.method)
         self.sources = resolve_sources(cfg.sources) if cfg.sources else []
         self.mix = Mixture(self.backbone, block_config(cfg, self.method, self.sources), self.method.routing,
                            cfg.router_hidden, cfg.seed, top_k=cfg.l2p_top_k, pool_size=cfg.l2p_pool_size,
@@ -287,13 +386,19 @@ class Trainer:
     def _check_run_dir(self) -> dict[str, Any]:
         resolved = {**dataclasses.asdict(self.cfg), "tasks": [t.name for t in self.tasks]}
         cfg_path = self.out / "config.json"
-        if cfg_path.exists():
-            diff = settings_diff(read_json(cfg_path), resolved)
+        # A folder where no stage has made progress yet (a run that failed early) takes the new settings.
+        started = any((self.out / n).exists() for n in ("state", "state.prev", "stages.json", ".state.old"))
+        if cfg_path.exists() and started:
+            old = read_json(cfg_path)
+            if not isinstance(old, dict):
+                raise PetmixError(f"{cfg_path}: damaged file: not a JSON object. Remove it to resume with the "
+                                  "settings given now, or start a new --out")
+            diff = settings_diff(old, resolved)
             if diff:
                 raise PetmixError(f"{cfg_path}: the run directory holds a run with other settings ({diff}); "
                                   "use a new --out or the same settings to resume")
         if self.main:
-            write_json(cfg_path, resolved)
+            write_json(cfg_path, resolved)  # makes the folder
         return resolved
 
     def _single_task_scores(self) -> list[float | None] | None:
@@ -303,9 +408,8 @@ class Trainer:
         path = path / "results.json" if path.is_dir() else path
         if not path.is_file():
             raise PetmixError(f"{path}: single-task results not found")
-        ref = read_json(path)
         # The single-task score of task i is the reference run's a[i][i] (per-task-lora).
-        diag = {name: ref["matrix"][min(i, len(ref["matrix"]) - 1)][i] for i, name in enumerate(ref["tasks"])}
+        diag = _single_task_diagonal(read_json(path), path)
         return [diag.get(t.name) for t in self.tasks]
 
     def _save_state(self, progress: dict[str, Any], optimizer: torch.optim.Optimizer | None,
@@ -330,24 +434,40 @@ class Trainer:
                     tensors[f"opt.{pid}.{k}"] = v.detach().cpu().contiguous() if torch.is_tensor(v) else torch.tensor(v)
             meta["param_groups"] = sd["param_groups"]
         save_tensors(tmp / "trainer.safetensors", tensors)
+        crash_point("checkpoint-write")
         write_json(tmp / "trainer.json", meta)
-        old = self.out / ".state.old"
-        shutil.rmtree(old, ignore_errors=True)
+        # The state is swapped in whole, and the previous one stays in state.prev until the new one is
+        # in place: a kill at any moment leaves a complete checkpoint (state/, else state.prev/).
+        prev, drop = self.out / "state.prev", self.out / ".state.drop"
+        shutil.rmtree(drop, ignore_errors=True)
         if self.state_dir.exists():
-            self.state_dir.rename(old)
-        tmp.rename(self.state_dir)  # the state is swapped in whole; a kill leaves the old or the new one
-        shutil.rmtree(old, ignore_errors=True)
+            if prev.exists():
+                prev.rename(drop)
+            self.state_dir.rename(prev)
+        crash_point("checkpoint-swap")
+        tmp.rename(self.state_dir)
+        shutil.rmtree(drop, ignore_errors=True)
 
     def _load_state(self) -> tuple[dict[str, Any], dict[str, torch.Tensor], dict[str, Any]] | None:
-        if not (self.state_dir / "trainer.json").exists():
-            old = self.out / ".state.old"
-            if (old / "trainer.json").exists():
-                old.rename(self.state_dir)
-            else:
+        state = self.state_dir
+        if not (state / "trainer.json").exists():
+            # Killed while swapping checkpoints (or state/ removed by hand after damage): the previous one.
+            state = next((d for d in (self.out / "state.prev", self.out / ".state.old") if (d / "trainer.json").exists()),
+                         None)
+            if state is None:
                 return None
-        meta = read_json(self.state_dir / "trainer.json")
-        self.mix.load_adapter_state(load_file(self.state_dir / "adapters.safetensors"))
-        tensors = load_file(self.state_dir / "trainer.safetensors")
+            log.info("resuming from the previous checkpoint in %s", state)
+        meta = read_json(state / "trainer.json")
+        if not isinstance(meta, dict) or not isinstance(meta.get("progress"), dict):
+            raise PetmixError(f"{state / 'trainer.json'}: damaged file: no progress record. Remove {state} and "
+                              "run again, or start a new --out")
+        adapters = load_tensors(state / "adapters.safetensors")
+        tensors = load_tensors(state / "trainer.safetensors")
+        try:
+            self.mix.load_adapter_state(adapters)
+        except (KeyError, RuntimeError) as err:
+            raise PetmixError(f"{state / 'adapters.safetensors'}: does not fit this run's blocks ({err}); "
+                              "start a new --out") from None
         return meta["progress"], tensors, meta
 
     @staticmethod
@@ -461,6 +581,7 @@ class Trainer:
                 bar.set_postfix(loss=f"{sum(window) / len(window):.3f}")
                 window = []
                 progress["epoch"], progress["batch"] = divmod(done_batches, n_batches)
+                crash_point("step")
                 if progress["step"] % cfg.checkpoint_every == 0 and not last:
                     stats["train_s"] = torch.tensor(time.time() - started, dtype=torch.float64)
                     self._save_state(progress, optimizer, stats)
@@ -554,14 +675,18 @@ class Trainer:
         return payload
 
     def run(self) -> dict[str, Any]:
-        self.out.mkdir(parents=True, exist_ok=True)
+        check_run_folder(self.out)  # a damaged file is named before anything is written
         self._check_run_dir()
+        self.out.mkdir(parents=True, exist_ok=True)
         rows: list[dict[str, Any]] = read_json(self.out / "stages.json") if (self.out / "stages.json").exists() else []
         loaded = self._load_state()
         start_stage, resume = 0, None
         if loaded is not None:
             progress = loaded[0]
             if progress["stage_done"]:
+                # The random state as the uninterrupted run had it here (the next block's initialisation draws on it).
+                if "rng.torch" in loaded[1]:
+                    torch.set_rng_state(loaded[1]["rng.torch"])
                 start_stage = progress["stage"] + (1 if progress["evaluated"] else 0)
                 log.info("resuming %s after stage %d", self.out, progress["stage"] + 1)
                 if not progress["evaluated"]:
@@ -586,13 +711,16 @@ class Trainer:
             self._evaluate_and_write(stage, rows, info)
         self._save_state({"stage": stage, "epoch": 0, "batch": 0, "step": 0, "stage_done": True,
                           "evaluated": True}, None)
+        crash_point("stage-end")
 
     def _evaluate_and_write(self, stage: int, rows: list[dict[str, Any]], info: dict[str, Any] | None) -> None:
         started = time.time()
         results = self._evaluate(stage)
+        crash_point("eval")
         eval_s = round(time.time() - started, 1)
         for name, res in results.items():
             write_jsonl(self.out / "predictions" / f"stage-{stage + 1}" / f"{name}.jsonl", res["records"])
+            crash_point("eval-write")
         save_tensors(self.out / "checkpoints" / f"stage-{stage + 1}.safetensors", self.mix.adapter_state())
         stage_name = "joint" if self.method.joint else self.stages[stage][0].name
         self.stages_info[stage] = info

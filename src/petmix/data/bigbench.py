@@ -186,6 +186,9 @@ def _scan_sdist(tarball: Path, cache: Path, wanted: set[str]) -> list[str]:
                 if not (member.isfile() and _MARK in member.name and member.name.endswith("/task.json")):
                     continue
                 rel = member.name.split(_MARK, 1)[1].removesuffix("/task.json")
+                parts = rel.split("/")
+                if not rel or rel.startswith("/") or any(p in ("", ".", "..") or "\\" in p for p in parts):
+                    continue  # a member name that would write outside the cache: never a real task
                 index.append(rel)
                 if rel in wanted or rel.rsplit("/", 1)[-1] in wanted:
                     src = tar.extractfile(member)

@@ -26,11 +26,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-from safetensors.torch import load_file
 
 from petmix.data.collate import IGNORE
 from petmix.data.task import Example
 from petmix.methods.base import StageHook
+from petmix.runs import load_tensors as load_file
 from petmix.runs import read_json, save_tensors, write_json
 
 if TYPE_CHECKING:

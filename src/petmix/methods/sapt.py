@@ -30,7 +30,7 @@ from petmix.data.templates import format_prompt
 from petmix.methods.base import StageHook
 from petmix.mixture import Mixture
 from petmix.replay.features import FeatureStats
-from petmix.runs import read_json, write_json
+from petmix.runs import crash_point, read_json, write_json
 
 if TYPE_CHECKING:
     from petmix.train import Trainer
@@ -178,6 +178,7 @@ class AttentiveReflection(StageHook):
             details: dict[str, Any] = {"kept": len(inputs)}
         else:
             inputs, details = generate_pseudo_inputs(cfg.model, task, gcfg, n_train=len(task.train))
+            crash_point("pseudo")  # the kill tests stop the run here
         self.store_pool(task, inputs, details)
         info.update(pseudo_inputs=len(inputs), replay_s=round(time.time() - started, 1))
         log.info("%s: %d pseudo-inputs for %s in %.1f s", self.label, len(inputs), task.name, time.time() - started)

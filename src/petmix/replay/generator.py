@@ -14,7 +14,6 @@ Only the generated inputs leave this module. The generator's weights are dropped
 from __future__ import annotations
 
 import gc
-import json
 import logging
 import math
 import re
@@ -32,7 +31,7 @@ from petmix.data.collate import encode_answers, encode_prompts, prompt_batch, tr
 from petmix.data.task import Task, cap
 from petmix.errors import PetmixError
 from petmix.mixture import Mixture
-from petmix.runs import save_tensors, write_json, write_jsonl
+from petmix.runs import damaged, read_json, read_jsonl, save_tensors, write_json, write_jsonl
 
 log = logging.getLogger(__name__)
 
@@ -359,13 +358,14 @@ def load_pseudo_inputs(out_dir: str | Path, task_name: str) -> list[str] | None:
     rows_path, _ = pseudo_paths(out_dir, task_name)
     if not rows_path.is_file():
         return None
-    with open(rows_path, encoding="utf-8") as f:
-        return [json.loads(line)["input"] for line in f if line.strip()]
+    rows = read_jsonl(rows_path)
+    if not all(isinstance(r, dict) and isinstance(r.get("input"), str) for r in rows):
+        raise damaged(rows_path, 'every line must be {"input": text}')
+    return [r["input"] for r in rows]
 
 
 def load_pseudo_info(out_dir: str | Path, task_name: str) -> dict[str, Any] | None:
     _, info_path = pseudo_paths(out_dir, task_name)
     if not info_path.is_file():
         return None
-    with open(info_path, encoding="utf-8") as f:
-        return json.load(f)
+    return read_json(info_path)
