@@ -17,6 +17,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from petmix.backbone import Backbone
@@ -68,6 +69,9 @@ class Mixture(nn.Module):
             self.router.to(backbone.device)
 
     keep_logits = False
+    # Causal LMs: run the LM head only where a label is (answer tokens, a few percent of positions).
+    # Off gives the plain path (the model's own loss over logits at every position), kept for tests.
+    label_only_head = True
     last_attention: torch.Tensor | None = None
     last_logits: torch.Tensor | None = None
     last_labels: torch.Tensor | None = None
@@ -161,6 +165,10 @@ class Mixture(nn.Module):
         weights = self.weights_for(batch["input_ids"], batch["source_mask"], task_index)
         try:
             inputs = self.pool.model_inputs(batch, weights)
+            if self._label_only(inputs):
+                loss = self._label_loss(inputs)
+                self.last_logits = self.last_labels = None
+                return loss, self.reported_weights(weights)
             out = self.model(**inputs)
         finally:
             self.pool.clear()
@@ -168,6 +176,26 @@ class Mixture(nn.Module):
         self.last_logits = out.logits if self.keep_logits else None
         self.last_labels = inputs.get("labels") if self.keep_logits else None
         return out.loss, self.reported_weights(weights)
+
+    def _label_only(self, inputs: dict[str, torch.Tensor]) -> bool:
+        """Whether the loss may skip the logits of unlabelled positions: a causal LM whose logits are the
+        head's output as is (no soft-capping or scaling) and no hook that reads every logit."""
+        cfg = self.model.config
+        return (self.label_only_head and not self.keep_logits and not self.backbone.is_seq2seq
+                and "labels" in inputs and self.model.base_model is not self.model
+                and not getattr(cfg, "final_logit_softcapping", None) and getattr(cfg, "logit_scale", None) is None)
+
+    def _label_loss(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The causal-LM loss (mean cross-entropy of each labelled token given the tokens before it) with
+        the head applied to labelled positions only: the same value as the model's own loss, without
+        the ``[batch, length, vocab]`` logits (the head is a fifth of SmolLM2's weights, labels a few
+        percent of a training batch's positions)."""
+        labels = inputs["labels"]
+        hidden = self.model.base_model(**{k: v for k, v in inputs.items() if k != "labels"}).last_hidden_state
+        target = labels[:, 1:]
+        keep = target != -100
+        logits = self.model.get_output_embeddings()(hidden[:, :-1][keep])
+        return F.cross_entropy(logits.float(), target[keep])
 
     def prepare_fn(self, task_index: int | None = None) -> Callable[[dict[str, torch.Tensor]], tuple[dict[str, Any], torch.Tensor]]:
         """The generation hook: route each batch, keep its weights set for the whole generate call."""
