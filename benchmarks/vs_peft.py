@@ -175,8 +175,8 @@ def part_a(args, report: list[str], results: dict) -> None:
     pm = peft_model(args.model)
     popt = torch.optim.AdamW([p for p in pm.parameters() if p.requires_grad], lr=1e-4)
     vocab = mix.model.config.vocab_size
-    sets = {"fixed 8x256, loss on last 16": [fixed_batch(vocab)]}
-    if args.config:
+    sets = {"fixed 8x256, loss on last 16": [fixed_batch(vocab)]} if "fixed" in args.sets else {}
+    if "real" in args.sets:
         cfg, tasks = stream(args.config, args.data)
         batches = real_batches(mix.backbone, cfg, tasks)
         shape = ", ".join(f"{b['input_ids'].shape[0]}x{b['input_ids'].shape[1]}" for b in batches)
@@ -184,7 +184,7 @@ def part_a(args, report: list[str], results: dict) -> None:
         cells = sum(b["labels"].numel() for b in batches)
         sets[f"real: first batch of each of {len(batches)} tasks ({shape}; {labelled}/{cells} positions labelled)"] = batches
     for name, batches in sets.items():
-        for bf16 in (False, True):
+        for bf16 in [p == "bf16" for p in args.precisions.split(",")]:
             fns = {"PEFT LoRA, 1 adapter": train_step(peft_forward(pm), popt, batches, bf16),
                    "petmix sapt-lora, 15 blocks": train_step(mix_forward(mix), opt, batches, bf16, True)}
             if args.plain:
@@ -193,7 +193,7 @@ def part_a(args, report: list[str], results: dict) -> None:
             title = f"(a) training step, {name}, {'bf16 autocast' if bf16 else 'fp32'}"
             report += table(title, times, "PEFT LoRA, 1 adapter")
             results[title] = times
-            print("\n".join(report[-(len(fns) + 4):]), flush=True)
+            print("\n".join(report[-(len(fns) + 5):]), flush=True)
 
 
 def part_b(args, report: list[str], results: dict) -> None:
@@ -267,20 +267,20 @@ def part_b(args, report: list[str], results: dict) -> None:
     report += table(title, times, "PEFT LoRA, 1 adapter")
     results[title] = times
     results["answers_agree"] = {"onehot_vs_peft_mixed": agree, "block0_vs_peft_t0": agree0, "n": len(prompts)}
-    print("\n".join(report[-(len(fns) + 4):]), flush=True)
+    print("\n".join(report[-(len(fns) + 5):]), flush=True)
 
 
 def part_c(args, report: list[str], results: dict) -> None:
     counts = [int(x) for x in args.blocks.split(",")]
     pools = {n: petmix_pool(args.model, n) for n in counts}
     batch = fixed_batch(next(iter(pools.values()))[0].model.config.vocab_size)
-    for bf16 in (False, True):
+    for bf16 in [p == "bf16" for p in args.precisions.split(",")]:
         fns = {f"{n} blocks": train_step(mix_forward(m), o, [batch], bf16, True) for n, (m, o) in pools.items()}
         times = interleaved(fns, args.reps)
         title = f"(c) petmix sapt-lora step by pool size, fixed 8x256, {'bf16 autocast' if bf16 else 'fp32'}"
         report += table(title, times, f"{counts[0]} blocks")
         results[title] = times
-        print("\n".join(report[-(len(fns) + 4):]), flush=True)
+        print("\n".join(report[-(len(fns) + 5):]), flush=True)
 
 
 def main() -> None:
@@ -290,6 +290,8 @@ def main() -> None:
     ap.add_argument("--data", default=None, help="data dir (default: the config's)")
     ap.add_argument("--parts", default="a,b,c")
     ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--sets", default="fixed,real", help="(a): the fixed batch, the real batches, or both")
+    ap.add_argument("--precisions", default="fp32,bf16", help="(a) and (c)")
     ap.add_argument("--plain", action="store_true", help="also time petmix with its fast paths off")
     ap.add_argument("--blocks", default="1,15,50,100")
     ap.add_argument("--gen-per-task", type=int, default=4)

@@ -8,7 +8,7 @@ import torch
 from petmix.backbone import load_backbone
 from petmix.blocks.lora import LoRAConfig, PooledLoRALinear
 from petmix.blocks.prompt import PromptConfig
-from petmix.data.collate import encode_answers, encode_prompts, training_batch
+from petmix.data.collate import encode_answers, encode_prompts, length_groups, training_batch
 from petmix.evaluate import GenerationConfig, generate
 from petmix.mixture import Mixture
 
@@ -21,6 +21,7 @@ ANSWERS = ["four", "mat summary of the dialogue", "positive", "entailment"]
 def _restore_flags():
     yield
     Mixture.label_only_head = True
+    Mixture.min_padding_saving = 0.1
     PooledLoRALinear.fused = True
 
 
@@ -84,6 +85,7 @@ def test_fast_loss_with_prompt_blocks(tiny_llama_path):
         mix.add_task()
     batch = _batch(mix.backbone)
     plain, plain_grads = _loss_and_grads(mix, batch, False)
+    Mixture.min_padding_saving = 0.0  # length groups too
     fast, fast_grads = _loss_and_grads(mix, batch, True)
     torch.testing.assert_close(fast, plain, rtol=1e-5, atol=1e-6)
     for f, p in zip(fast_grads, plain_grads):
@@ -116,3 +118,29 @@ def test_fast_generation_gives_the_same_answers(tiny_model_path, routing):
     mix.clear_weights()
     assert fast == plain and fast_w == plain_w
     assert any(fast)
+
+
+def test_length_groups_cover_every_row_once():
+    mask = torch.zeros(6, 10, dtype=torch.long)
+    for row, n in enumerate([10, 3, 9, 2, 3, 10]):
+        mask[row, :n] = 1
+    groups = length_groups(mask, min_saving=0.0)
+    assert len(groups) > 1
+    rows = torch.cat([r for r, _ in groups]).sort().values
+    assert rows.tolist() == list(range(6))
+    for r, width in groups:
+        assert int(mask[r].sum(1).max()) == width
+    assert len(length_groups(mask, min_saving=0.9)) == 1  # not worth it: the batch stays whole
+    assert len(length_groups(torch.ones(4, 7), min_saving=0.0)) == 1  # nothing to save
+
+
+def test_length_groups_give_the_plain_loss_and_gradients(tiny_llama_path):
+    mix = _lora_mixture(tiny_llama_path)
+    batch = _batch(mix.backbone)
+    assert len(length_groups(batch["attention_mask"], 0.0)) > 1
+    plain, plain_grads = _loss_and_grads(mix, batch, False)
+    Mixture.min_padding_saving = 0.0
+    fast, fast_grads = _loss_and_grads(mix, batch, True)
+    torch.testing.assert_close(fast, plain, rtol=1e-5, atol=1e-6)
+    for f, p in zip(fast_grads, plain_grads):
+        torch.testing.assert_close(f, p, rtol=1e-4, atol=1e-6)
