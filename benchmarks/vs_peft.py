@@ -178,7 +178,7 @@ def part_a(args, report: list[str], results: dict) -> None:
     sets = {"fixed 8x256, loss on last 16": [fixed_batch(vocab)]} if "fixed" in args.sets else {}
     if "real" in args.sets:
         cfg, tasks = stream(args.config, args.data)
-        batches = real_batches(mix.backbone, cfg, tasks)
+        batches = real_batches(mix.backbone, cfg, tasks[: args.real_tasks])
         shape = ", ".join(f"{b['input_ids'].shape[0]}x{b['input_ids'].shape[1]}" for b in batches)
         labelled = sum(int((b["labels"] != -100).sum()) for b in batches)
         cells = sum(b["labels"].numel() for b in batches)
@@ -291,6 +291,7 @@ def main() -> None:
     ap.add_argument("--parts", default="a,b,c")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--sets", default="fixed,real", help="(a): the fixed batch, the real batches, or both")
+    ap.add_argument("--real-tasks", type=int, default=5, help="(a): real batches from the first N tasks")
     ap.add_argument("--precisions", default="fp32,bf16", help="(a) and (c)")
     ap.add_argument("--plain", action="store_true", help="also time petmix with its fast paths off")
     ap.add_argument("--blocks", default="1,15,50,100")
