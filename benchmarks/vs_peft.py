@@ -105,6 +105,8 @@ def stream(config: str, data: str | None) -> tuple[dict[str, Any], list]:
     data = data or str((Path(config).parent / cfg["data"]).resolve())
     if not Path(data).is_dir():  # configs name ../shared/data relative to the repo root
         data = str(Path(cfg["data"]).resolve())
+    if not Path(data).is_dir():
+        raise SystemExit(f"{config}: data dir {cfg['data']} not found; pass --data")
     tasks = load_tasks(cfg["tasks"], data, max_train=cfg["max_train"], max_test=cfg["max_test"], seed=0)
     return cfg, tasks
 
