@@ -300,7 +300,10 @@ def main() -> None:
     ap.add_argument("--gen-per-task", type=int, default=4)
     ap.add_argument("--gen-batch", type=int, default=16)
     ap.add_argument("--out", default="benchmarks/results/vs_peft.json")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     import peft
 
     header = (f"model {args.model}; torch {torch.__version__}, peft {peft.__version__}, {torch.get_num_threads()} threads, "
