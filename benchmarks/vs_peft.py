@@ -90,9 +90,9 @@ def peft_model(model: str, adapters: int = 1, mix: Mixture | None = None):
 
 
 # ---- batches -----------------------------------------------------------------------------------
-def fixed_batch(vocab: int, seed: int = 0) -> dict[str, torch.Tensor]:
+def fixed_batch(vocab: int, shape: str = "8x256", seed: int = 0) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(100, vocab, (8, 256), generator=g)
+    ids = torch.randint(100, vocab, tuple(int(x) for x in shape.split("x")), generator=g)
     labels = torch.full_like(ids, -100)
     labels[:, -16:] = ids[:, -16:]
     source = torch.ones_like(ids)
@@ -177,7 +177,7 @@ def part_a(args, report: list[str], results: dict) -> None:
     pm = peft_model(args.model)
     popt = torch.optim.AdamW([p for p in pm.parameters() if p.requires_grad], lr=1e-4)
     vocab = mix.model.config.vocab_size
-    sets = {"fixed 8x256, loss on last 16": [fixed_batch(vocab)]} if "fixed" in args.sets else {}
+    sets = {f"fixed {args.fixed}, loss on last 16": [fixed_batch(vocab, args.fixed)]} if "fixed" in args.sets else {}
     if "real" in args.sets:
         cfg, tasks = stream(args.config, args.data)
         batches = real_batches(mix.backbone, cfg, tasks[: args.real_tasks])
@@ -275,11 +275,11 @@ def part_b(args, report: list[str], results: dict) -> None:
 def part_c(args, report: list[str], results: dict) -> None:
     counts = [int(x) for x in args.blocks.split(",")]
     pools = {n: petmix_pool(args.model, n) for n in counts}
-    batch = fixed_batch(next(iter(pools.values()))[0].model.config.vocab_size)
+    batch = fixed_batch(next(iter(pools.values()))[0].model.config.vocab_size, args.fixed)
     for bf16 in [p == "bf16" for p in args.precisions.split(",")]:
         fns = {f"{n} blocks": train_step(mix_forward(m), o, [batch], bf16, True) for n, (m, o) in pools.items()}
         times = interleaved(fns, args.reps)
-        title = f"(c) petmix sapt-lora step by pool size, fixed 8x256, {'bf16 autocast' if bf16 else 'fp32'}"
+        title = f"(c) petmix sapt-lora step by pool size, fixed {args.fixed}, {'bf16 autocast' if bf16 else 'fp32'}"
         report += table(title, times, f"{counts[0]} blocks")
         results[title] = times
         print("\n".join(report[-(len(fns) + 5):]), flush=True)
@@ -293,6 +293,7 @@ def main() -> None:
     ap.add_argument("--parts", default="a,b,c")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--sets", default="fixed,real", help="(a): the fixed batch, the real batches, or both")
+    ap.add_argument("--fixed", default="8x256", help="the fixed batch, rows x tokens (loss on the last 16)")
     ap.add_argument("--real-tasks", type=int, default=5, help="(a): real batches from the first N tasks")
     ap.add_argument("--precisions", default="fp32,bf16", help="(a) and (c)")
     ap.add_argument("--plain", action="store_true", help="also time petmix with its fast paths off")
