@@ -135,6 +135,7 @@ def interleaved(fns: dict[str, Callable[[], Any]], reps: int) -> dict[str, list[
             start = time.perf_counter()
             fn()
             times[k].append(time.perf_counter() - start)
+            print(f"  {k}: {times[k][-1]:.2f} s", flush=True)  # progress on a slow machine
     return times
 
 
