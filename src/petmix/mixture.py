@@ -17,6 +17,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from petmix.backbone import Backbone
@@ -24,6 +25,7 @@ from petmix.blocks.bitfit import BitFitPool
 from petmix.blocks.full import BackbonePool, FullConfig
 from petmix.blocks.lora import LoRAConfig, LoRAPool
 from petmix.blocks.prompt import PromptConfig, PromptPool
+from petmix.data.collate import IGNORE, length_groups
 from petmix.router import AttemptAttention, KeyQueryRouter, SharedAttentionRouter, make_shared_router
 
 BlockConfig = LoRAConfig | PromptConfig | FullConfig | str  # "bitfit"
@@ -69,6 +71,11 @@ class Mixture(nn.Module):
             self.router.to(backbone.device)
 
     keep_logits = False
+    # Causal LMs: run the LM head only where a label is (answer tokens, a few percent of positions).
+    # Off gives the plain path (the model's own loss over logits at every position), kept for tests.
+    label_only_head = True
+    # Training batches whose lengths differ run as length groups when that saves this share of positions.
+    min_padding_saving = 0.1
     last_attention: torch.Tensor | None = None
     last_logits: torch.Tensor | None = None
     last_labels: torch.Tensor | None = None
@@ -161,6 +168,10 @@ class Mixture(nn.Module):
             task_index = batch["task_ids"]
         weights = self.weights_for(batch["input_ids"], batch["source_mask"], task_index)
         try:
+            if self._label_only(batch):
+                loss = self._label_loss(batch, weights)
+                self.last_logits = self.last_labels = None
+                return loss, self.reported_weights(weights)
             inputs = self.pool.model_inputs(batch, weights)
             out = self.model(**inputs)
         finally:
@@ -169,6 +180,38 @@ class Mixture(nn.Module):
         self.last_logits = out.logits if self.keep_logits else None
         self.last_labels = inputs.get("labels") if self.keep_logits else None
         return out.loss, self.reported_weights(weights)
+
+    def _label_only(self, batch: dict[str, torch.Tensor]) -> bool:
+        """Whether the loss may skip the logits of unlabelled positions: a causal LM whose logits are the
+        head's output as is (no soft-capping or scaling) and no hook that reads every logit."""
+        cfg = self.model.config
+        return (self.label_only_head and not self.keep_logits and not self.backbone.is_seq2seq
+                and "labels" in batch and self.model.base_model is not self.model
+                and not getattr(cfg, "final_logit_softcapping", None) and getattr(cfg, "logit_scale", None) is None)
+
+    def _label_loss(self, batch: dict[str, torch.Tensor], weights: torch.Tensor) -> torch.Tensor:
+        """The causal-LM loss (mean cross-entropy of each labelled token given the tokens before it), equal
+        to the model's own, computed with less: the head runs on labelled positions only (it is a fifth
+        of SmolLM2's weights, and labels a few percent of a training batch's positions), and a batch
+        whose lengths differ runs as groups of similar length cut to their width (``length_groups``)."""
+        labels = batch["labels"]
+        count = (labels[:, 1:] != IGNORE).sum()
+        groups = length_groups(batch["attention_mask"], self.min_padding_saving)
+        total = labels.new_zeros((), dtype=torch.float32)
+        for rows, width in groups:
+            if len(groups) == 1:
+                part, w = batch, weights
+            else:
+                part = {k: v[rows][:, :width] if v.dim() == 2 and v.shape[1] == labels.shape[1] else v[rows]
+                        for k, v in batch.items()}
+                w = weights[rows]
+            inputs = self.pool.model_inputs(part, w)
+            hidden = self.model.base_model(**{k: v for k, v in inputs.items() if k != "labels"}).last_hidden_state
+            target = inputs["labels"][:, 1:]
+            keep = target != IGNORE
+            logits = self.model.get_output_embeddings()(hidden[:, :-1][keep])
+            total = total + F.cross_entropy(logits.float(), target[keep], reduction="sum")
+        return total / count
 
     def prepare_fn(self, task_index: int | None = None) -> Callable[[dict[str, torch.Tensor]], tuple[dict[str, Any], torch.Tensor]]:
         """The generation hook: route each batch, keep its weights set for the whole generate call."""

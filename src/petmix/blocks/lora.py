@@ -6,7 +6,11 @@ per block. With per-input weights ``a`` of shape ``[batch, blocks]`` its output 
     base(x) + sum_i a_i * (alpha / r) * B_i A_i x
 
 computed as two matmuls over the blocks concatenated along the rank axis (no loop over blocks),
-so the cost grows with ``blocks * r``, which is small next to the base layer.
+so the cost grows with ``blocks * r``, which is small next to the base layer. Frozen blocks (all but
+the one a stage trains, and every block while generating) are concatenated once and cached until
+their weights change, and get no weight gradient: autograd on one concatenation of all blocks would
+compute ``[blocks * r, in]`` gradients per layer only to keep ``[r, in]`` of them. Blocks whose weight
+is zero for every input of a batch (task-id routing) are skipped when no gradient needs them.
 """
 
 from __future__ import annotations
@@ -41,7 +45,44 @@ class MixWeights:
     """
 
     def __init__(self) -> None:
-        self.weights: torch.Tensor | None = None  # [batch, blocks]
+        self._weights: torch.Tensor | None = None  # [batch, blocks]
+        self._cache: dict[tuple, object] = {}  # derived from the weights, shared by every layer
+
+    @property
+    def weights(self) -> torch.Tensor | None:
+        return self._weights
+
+    @weights.setter
+    def weights(self, value: torch.Tensor | None) -> None:
+        self._weights = value
+        self._cache = {}
+
+    def active(self) -> tuple[int, ...]:
+        """Blocks to compute: all of them, less those weighted zero for every input when no gradient
+        reaches the weights (a zero weight still has a gradient)."""
+        if "active" not in self._cache:
+            w = self._weights
+            assert w is not None
+            n = w.shape[-1]
+            if w.requires_grad and torch.is_grad_enabled():
+                self._cache["active"] = tuple(range(n))
+            else:
+                self._cache["active"] = tuple(torch.nonzero(w.detach().reshape(-1, n).ne(0).any(0)).flatten().tolist())
+        return self._cache["active"]  # type: ignore[return-value]
+
+    def scale(self, blocks: tuple[int, ...], r: int, scaling: float, ndim: int) -> torch.Tensor:
+        """``a_i * alpha / r`` of ``blocks``, each repeated ``r`` times, shaped to broadcast over ``[batch, ..., blocks * r]``."""
+        key = ("scale", blocks, r, ndim)
+        if key not in self._cache:
+            w = self._weights
+            assert w is not None
+            if blocks != tuple(range(blocks[0], blocks[0] + len(blocks))):
+                w = w[:, list(blocks)]
+            elif len(blocks) != w.shape[-1]:
+                w = w[:, blocks[0]:blocks[0] + len(blocks)]
+            s = (w * scaling).repeat_interleave(r, dim=-1)
+            self._cache[key] = s.view(s.shape[0], *([1] * (ndim - 2)), s.shape[-1])
+        return self._cache[key]  # type: ignore[return-value]
 
 
 class PooledLoRALinear(nn.Module):
@@ -53,6 +94,7 @@ class PooledLoRALinear(nn.Module):
         self.lora_A = nn.ParameterList()
         self.lora_B = nn.ParameterList()
         self.dropout = nn.Dropout(cfg.dropout) if cfg.dropout > 0 else nn.Identity()
+        self._frozen: tuple | None = None  # (key, A of the frozen blocks concatenated, B likewise)
 
     @property
     def num_blocks(self) -> int:
@@ -66,6 +108,9 @@ class PooledLoRALinear(nn.Module):
         self.lora_A.append(nn.Parameter(a))
         self.lora_B.append(nn.Parameter(b))
 
+    # False: every block in one concatenation rebuilt at each call (the plain path, for comparison).
+    fused = True
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
         weights = self.mix.weights
@@ -74,6 +119,42 @@ class PooledLoRALinear(nn.Module):
         n = self.num_blocks
         if weights.shape[-1] != n:
             raise RuntimeError(f"router gave {weights.shape[-1]} weights for a pool of {n} blocks")
+        if not self.fused:
+            return self._forward_plain(x, y, weights)
+        active = self.mix.active()
+        grad = torch.is_grad_enabled()
+        trains = [i for i in active if grad and (self.lora_A[i].requires_grad or self.lora_B[i].requires_grad)]
+        frozen = tuple(i for i in active if i not in trains) if trains else active
+        xin = self.dropout(x)
+        delta = None
+        for blocks, cat in ((frozen, self._frozen_cat), (tuple(trains), self._cat)):
+            if not blocks:
+                continue
+            a, b = cat(blocks)
+            scale = self.mix.scale(blocks, self.cfg.r, self.cfg.scaling, x.dim())
+            h = xin.to(a.dtype) @ a.t()
+            d = (h * scale.to(h.dtype)) @ b.t()
+            delta = d if delta is None else delta + d
+        return y if delta is None else y + delta.to(y.dtype)
+
+    def _cat(self, blocks: list[int] | tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+        if len(blocks) == 1:
+            return self.lora_A[blocks[0]], self.lora_B[blocks[0]]
+        return (torch.cat([self.lora_A[i] for i in blocks], dim=0),  # [k*r, in]
+                torch.cat([self.lora_B[i] for i in blocks], dim=1))  # [out, k*r]
+
+    def _frozen_cat(self, blocks: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The frozen blocks concatenated, without gradient, rebuilt only when a weight changed in place
+        (an optimiser step or a load bumps the tensor's version) or the blocks differ."""
+        params = [p for i in blocks for p in (self.lora_A[i], self.lora_B[i])]
+        key = (blocks, tuple(p._version for p in params), tuple(p.data_ptr() for p in params))
+        if self._frozen is None or self._frozen[0] != key:
+            with torch.no_grad():
+                a, b = self._cat(blocks)
+                self._frozen = (key, a.detach().clone(), b.detach().clone())
+        return self._frozen[1], self._frozen[2]
+
+    def _forward_plain(self, x: torch.Tensor, y: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         a = torch.cat(list(self.lora_A), dim=0)  # [n*r, in]
         b = torch.cat(list(self.lora_B), dim=1)  # [out, n*r]
         scale = (weights * self.cfg.scaling).repeat_interleave(self.cfg.r, dim=-1)  # [batch, n*r]

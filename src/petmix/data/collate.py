@@ -74,3 +74,44 @@ def training_batch(
         "labels": pad(labels, IGNORE),
         "source_mask": pad(source, 0),
     }
+
+
+def length_groups(attention_mask: torch.Tensor, min_saving: float = 0.1, group_cost: float = 0.03,
+                  max_groups: int = 4) -> list[tuple[torch.Tensor, int]]:
+    """Rows of a padded batch in groups of similar length, each with the width its rows need.
+
+    A frozen backbone computes every padded position; run as groups cut to their own width, a batch
+    whose lengths differ computes fewer. Groups are contiguous runs of the rows sorted by length, chosen
+    to minimise padded positions plus ``group_cost`` of the batch's positions per extra group (a call's
+    overhead and smaller matmuls); the batch stays whole unless that saves ``min_saving`` of them.
+    Widths assume right padding (a row needs the positions up to its last unmasked one).
+    """
+    b, t = attention_mask.shape
+    positions = torch.arange(1, t + 1, device=attention_mask.device)
+    need = (attention_mask.ne(0) * positions).amax(1)  # per row: the positions up to its last token
+    order = torch.argsort(need, stable=True)
+    lengths = need[order].tolist()
+    whole = [(torch.arange(b, device=attention_mask.device), t)]
+    if b < 2:
+        return whole
+    penalty = group_cost * b * t
+    # best[k][j]: least cost of the first j sorted rows in k groups; cut[k][j]: where the last group starts.
+    inf = float("inf")
+    best = [[inf] * (b + 1) for _ in range(max_groups + 1)]
+    cut = [[0] * (b + 1) for _ in range(max_groups + 1)]
+    best[0][0] = 0.0
+    for k in range(1, max_groups + 1):
+        for j in range(1, b + 1):
+            for i in range(j):
+                cost = best[k - 1][i] + (j - i) * lengths[j - 1] + (penalty if k > 1 else 0.0)
+                if cost < best[k][j]:
+                    best[k][j], cut[k][j] = cost, i
+    k = min(range(1, max_groups + 1), key=lambda g: best[g][b])
+    if best[k][b] > (1 - min_saving) * b * t or k == 1:
+        return whole
+    groups, j = [], b
+    while k > 0:
+        i = cut[k][j]
+        groups.append((order[i:j], int(lengths[j - 1])))
+        j, k = i, k - 1
+    return groups[::-1]
