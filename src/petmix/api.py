@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import load_file
@@ -60,10 +62,13 @@ class TrainedModel:
         self.tasks = tasks
         self._loaded_stage: int | None = None
 
-    def generate(self, prompts: list[str], task: str | None = None, max_new_tokens: int | None = None) -> list[Answer]:
+    def generate(self, prompts: list[str], task: str | None = None, max_new_tokens: int | None = None,
+                 streamer_for: Callable[[dict[str, torch.Tensor]], Any] | None = None) -> list[Answer]:
         """Answer full prompts (as the model saw them in training: template, definition, input).
 
         ``task`` is needed only by methods that are given the task id at test time (per-task-lora).
+        ``streamer_for`` is called with each tokenised batch and returns a transformers streamer for that
+        batch's ``generate`` call (``petmix serve`` streams tokens through it); answers do not change.
         """
         index = None
         if self.method.task_id_at_test:
@@ -76,8 +81,13 @@ class TrainedModel:
                 self._loaded_stage = index
         cfg = GenerationConfig(max_new_tokens or self.config["max_new_tokens"], self.config["eval_batch_size"],
                                self.config["max_source_len"], self.config["chat"])
+        prepare = route = self.mix.prepare_fn(index)
+        if streamer_for is not None:
+            def prepare(batch):
+                kwargs, weights = route(batch)
+                return {**kwargs, "streamer": streamer_for(batch)}, weights
         with torch.no_grad():
-            texts, weights = generate(self.backbone, prompts, cfg, self.mix.prepare_fn(index), desc="predict")
+            texts, weights = generate(self.backbone, prompts, cfg, prepare, desc="predict")
         self.mix.clear_weights()
         return [Answer(t, dict(zip(self.block_names, w)) if w else None) for t, w in zip(texts, weights or [None] * len(texts))]
 

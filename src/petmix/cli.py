@@ -2,7 +2,8 @@
 
 Commands: train (a task stream with a method), compare (several methods, one table), eval (zero-shot),
 report (matrix, metrics, heatmaps of a run), predict (answer with a trained run), sources (train and
-list a library of source prompts for ATTEMPT and SPoT), export (a run's LoRA blocks as PEFT adapters).
+list a library of source prompts for ATTEMPT and SPoT), export (a run's LoRA blocks as PEFT adapters),
+serve (a run behind an OpenAI-compatible API).
 See README.md.
 """
 
@@ -354,6 +355,15 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from petmix.runs import setup_logging
+    from petmix.serve import serve
+
+    setup_logging(None, args.verbose)
+    serve(args.run, args.host, args.port, args.model_name, args.max_batch, args.max_wait_ms)
+    return 0
+
+
 def _add_train_flags(p: argparse.ArgumentParser, with_method: bool = True) -> None:
     """Training settings: flags left out keep the config file's value (or the default)."""
     p.add_argument("--config", help="YAML file with the same keys as the flags (flags override it)")
@@ -419,6 +429,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--to", required=True, help="folder to write (must be new or empty)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --to folder")
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("serve", help="answer a trained run over an OpenAI-compatible HTTP API (/v1/completions, ...)")
+    p.add_argument("run")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--model-name", help="the model id clients send (default: the run directory's name)")
+    p.add_argument("--max-batch", type=int, default=16, help="most requests answered together")
+    p.add_argument("--max-wait-ms", type=float, default=5.0, help="how long a request waits for others to batch with")
+    p.set_defaults(func=cmd_serve)
     return parser
 
 
