@@ -14,7 +14,7 @@ from petmix.backbone import load_backbone
 from petmix.blocks.full import BackbonePool
 from petmix.errors import PetmixError
 from petmix.evaluate import GenerationConfig, generate
-from petmix.methods import get_method
+from petmix.methods import Method, get_method
 from petmix.mixture import Mixture
 from petmix.runs import read_json
 from petmix.sources import resolve_sources
@@ -25,6 +25,19 @@ from petmix.train import TrainConfig, block_config
 class Answer:
     text: str
     router_weights: dict[str, float] | None  # block (named by the task it was trained on) -> weight
+
+
+def block_names(method: Method, mix: Mixture, tasks: list[str]) -> list[str]:
+    """Each block named by what it learned: its task, ``source:<task>`` (ATTEMPT), ``prompt k`` (L2P's pool),
+    or ``shared`` (one block trained on every task)."""
+    if method.routing == "key-query":
+        names = [f"prompt {i + 1}" for i in range(mix.num_blocks)]
+    elif method.new_block_per_task or (method.joint and method.routing == "attempt"):
+        names = [f"source:{n}" for n in mix.pool.source_names] if mix.num_sources else []
+        names += tasks
+    else:
+        names = ["shared"]
+    return names[: mix.num_blocks]
 
 
 class TrainedModel:
@@ -51,14 +64,7 @@ class TrainedModel:
         self.mix.load_adapter_state(load_file(adapters))
         self.mix.eval()
         tasks = list(self.config["tasks"])
-        if self.method.routing == "key-query":
-            self.block_names = [f"prompt {i + 1}" for i in range(self.mix.num_blocks)]
-        elif self.method.new_block_per_task or (self.method.joint and self.method.routing == "attempt"):
-            self.block_names = [f"source:{n}" for n in self.mix.pool.source_names] if self.mix.num_sources else []
-            self.block_names += tasks
-        else:
-            self.block_names = ["shared"]
-        self.block_names = self.block_names[: self.mix.num_blocks]
+        self.block_names = block_names(self.method, self.mix, tasks)
         self.tasks = tasks
         self._loaded_stage: int | None = None
 

@@ -176,6 +176,8 @@ TRAIN_FLAGS: list[tuple[str, Any, str]] = [
     ("--import-adapters", str, "PEFT LoRA adapters as frozen blocks, one per task: task=FOLDER,task=FOLDER "
                                "(the task's stage then trains only the router)"),
     ("--import-examples", int, "train examples per imported task that teach the router (default 32)"),
+    ("--report-to", str, "trackers: tensorboard (pip install 'petmix[tensorboard]'), all, or any accelerate supports; "
+                         "logs the loss per step, router weights and matrix per stage to RUN/tracking"),
 ]
 
 

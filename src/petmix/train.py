@@ -21,6 +21,7 @@ import torch
 from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
+from petmix import tracking
 from petmix.backbone import DEFAULT_MODEL, Backbone, cpu_has_fast_bf16, load_backbone
 from petmix.blocks.full import FullConfig
 from petmix.blocks.lora import LoRAConfig
@@ -120,6 +121,7 @@ class TrainConfig:
     # trains only what selects its block (the router), on at most import_examples of its train examples.
     import_adapters: list[str] = field(default_factory=list)
     import_examples: int = 32
+    report_to: str | None = None  # trackers: "tensorboard", "all", ... (accelerate's); see petmix.tracking
 
     @classmethod
     def from_dict(cls, values: dict[str, Any], source: str = "config") -> TrainConfig:
@@ -238,7 +240,9 @@ class Trainer:
         self.tasks = tasks
         self.out = Path(out)
         self.method: Method = get_method(cfg.method)
-        self.accelerator = Accelerator(mixed_precision="bf16" if cfg.bf16 else "no")
+        self.accelerator = Accelerator(mixed_precision="bf16" if cfg.bf16 else "no",
+                                       **tracking.accelerator_kwargs(cfg.report_to, self.out))
+        self.step_offset = 0  # optimiser steps of the stages before the current one (tracking's x axis)
         if cfg.bf16 and self.accelerator.device.type == "cpu" and not cpu_has_fast_bf16():
             log.warning("bf16 on a CPU without AVX512-BF16 or AMX: PyTorch's bf16 matmuls are several times "
                         "slower than fp32 here; run without bf16")
@@ -274,7 +278,7 @@ class Trainer:
         cfg_path = self.out / "config.json"
         if cfg_path.exists():
             old = {"router": "paper", **read_json(cfg_path)}  # runs from before the presets used the paper's
-            ignore = {"single_task_results", "checkpoint_every", "eval_batch_size"}
+            ignore = {"single_task_results", "checkpoint_every", "eval_batch_size", "report_to"}
             # Keys an older petmix did not write were at their defaults then: only recorded keys count.
             diff = sorted(k for k in resolved if k not in ignore and k in old and old[k] != resolved[k])
             if diff:
@@ -394,7 +398,7 @@ class Trainer:
         total_steps = math.ceil(total_batches / cfg.grad_accum)
         name = "+".join(t.name for t in stage_tasks) if len(stage_tasks) <= 2 else f"{len(stage_tasks)} tasks (joint)"
         bar = tqdm(total=total_steps, initial=progress["step"], desc=f"stage {stage + 1}/{len(self.stages)} {name}",
-                   unit="step", dynamic_ncols=True)
+                   unit="step", dynamic_ncols=True, disable=None)
         task_index = self.method.routing_index(stage)
         self.mix.train()
         for hook in self.hooks:
@@ -447,6 +451,8 @@ class Trainer:
                 progress["step"] += 1
                 bar.update(1)
                 bar.set_postfix(loss=f"{sum(window) / len(window):.3f}")
+                tracking.log_step(acc, sum(window) / len(window), self.step_offset + progress["step"],
+                                  [g["lr"] for g in optimizer.param_groups])
                 window = []
                 progress["epoch"], progress["batch"] = divmod(done_batches, n_batches)
                 if progress["step"] % cfg.checkpoint_every == 0 and not last:
@@ -560,12 +566,16 @@ class Trainer:
                 start_stage, resume = progress["stage"], loaded
                 log.info("resuming %s in stage %d at step %d", self.out, progress["stage"] + 1, progress["step"])
         rows = rows[:start_stage]
+        tracking.start(self.accelerator, self.cfg)
         for stage in range(start_stage, len(self.stages)):
+            self.step_offset = sum(r.get("steps") or 0 for r in rows)
             info = self._train_stage(stage, resume if stage == start_stage else None)
             self._finish_stage(stage, rows, info)
         if not self.main:
             return {}
         payload = self._write_results(rows) if rows else {}
+        tracking.log_metrics(self.accelerator, payload.get("metrics") or {}, len(rows) - 1)
+        tracking.finish(self.accelerator)  # every log call was flushed: a crash loses nothing logged
         save_tensors(self.out / "adapters.safetensors", self.mix.adapter_state())
         return payload
 
@@ -576,6 +586,7 @@ class Trainer:
                           "evaluated": True}, None)
 
     def _evaluate_and_write(self, stage: int, rows: list[dict[str, Any]], info: dict[str, Any] | None) -> None:
+        from petmix import api  # petmix.api imports this module
         started = time.time()
         results = self._evaluate(stage)
         eval_s = round(time.time() - started, 1)
@@ -594,6 +605,9 @@ class Trainer:
         rows.append(row)
         write_json(self.out / "stages.json", rows)
         self._write_results(rows)
+        tracking.log_stage(self.accelerator, stage, rows[-1]["scores"], info.get("train_router_weights"),
+                           {n: w for n, r in results.items() if (w := tracking.mean_weights(r["records"]))},
+                           api.block_names(self.method, self.mix, [t.name for t in self.tasks]))
         for name, res in results.items():  # the latest stage's predictions, where users look first
             write_jsonl(self.out / "predictions" / f"{name}.jsonl", res["records"])
         self._export_prompts(stage, results)
