@@ -254,6 +254,9 @@ def cmd_compare(args: argparse.Namespace) -> int:
     rows = run_comparison(entries, base, tasks, out)
     print((out / "table.md").read_text(encoding="utf-8"))
     print(f"wrote {out / 'table.md'}, {out / 'table.csv'}, {out / 'matrices.png'}")
+    from petmix.report_html import write_compare_html
+
+    print(f"wrote {write_compare_html(out)}")
     failed = [r["label"] for r in rows if "failed" in r]
     if failed:
         print(f"petmix: {len(failed)} entries failed ({', '.join(failed)}); see {out / 'log.txt'}", file=sys.stderr)
@@ -315,6 +318,10 @@ def cmd_report(args: argparse.Namespace) -> int:
     print(render_report(args.run))
     for path in write_heatmaps(args.run):
         print(f"wrote {path}")
+    if args.html:
+        from petmix.report_html import write_run_html
+
+        print(f"wrote {write_run_html(args.run)}")
     return 0
 
 
@@ -414,6 +421,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("report", help="print a run's matrix and metrics; write matrix.png and router.png")
     p.add_argument("run")
+    p.add_argument("--html", action="store_true", help="also write RUN/report.html: one self-contained page")
     p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("predict", help="answer inputs with a trained run (automatic routing)")
