@@ -12,8 +12,9 @@ was evaluated), so the server answers exactly what the Python API answers; each 
 - ``task`` (an extra request field) formats the prompt as that task of the run and gives the task id to
   methods that need it at test time (per-task-lora and the like).
 
-One worker thread owns the model. Requests wait at most ``max_wait_ms`` for company, then the waiting
-requests with the same generation settings run as one batch. A batch that fails is retried one request
+One worker thread owns the model. When it is free it takes every queued request (up to ``max_batch``);
+while another request is still being read it waits for it, at most ``max_wait_ms``; then the requests with
+the same generation settings run as one batch (requests that come while a batch runs wait for the next). A batch that fails is retried one request
 at a time, so one bad input fails alone. Sampling settings (temperature, top_p, ...) are accepted and
 ignored: decoding is greedy, like the run's evaluation.
 """
@@ -27,7 +28,8 @@ import queue
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -215,6 +217,7 @@ class Worker:
         eos = tok.eos_token_id
         self.eos = set(eos if isinstance(eos, list) else [eos]) - {None}
         self.batches = 0  # batches run (for tests and logs)
+        self.arriving = 0  # requests being read and checked, not yet queued (changed on the event loop only)
 
     def start(self) -> None:
         self.thread = threading.Thread(target=self._loop, name="petmix-serve-worker", daemon=True)
@@ -233,8 +236,25 @@ class Worker:
             if job is not None:
                 job.emit(("error", APIError(503, "the server is shutting down", kind="server_error")))
 
-    def submit(self, job: Job) -> None:
-        self.queue.put(job)
+    @contextmanager
+    def arrival(self) -> Iterator[Callable[[list[Job]], None]]:
+        """Counts a request as on its way in until its jobs are queued (or it is refused)."""
+        self.arriving += 1
+        done = False
+
+        def submit(jobs: list[Job]) -> None:
+            nonlocal done
+            for job in jobs:
+                self.queue.put(job)
+            if not done:
+                done = True
+                self.arriving -= 1
+
+        try:
+            yield submit
+        finally:
+            if not done:
+                self.arriving -= 1
 
     def _loop(self) -> None:
         while True:
@@ -244,13 +264,17 @@ class Worker:
             jobs, stop = [first], False
             deadline = time.monotonic() + self.max_wait
             while len(jobs) < self.max_batch:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    break
                 try:
-                    job = self.queue.get(timeout=remaining)
+                    job = self.queue.get_nowait()
                 except queue.Empty:
-                    break
+                    # wait for company only while a request is on its way in (parsed, not yet queued)
+                    remaining = deadline - time.monotonic()
+                    if self.arriving <= 0 or remaining <= 0:
+                        break
+                    try:
+                        job = self.queue.get(timeout=remaining)
+                    except queue.Empty:
+                        break
                 if job is None:
                     stop = True
                     break
@@ -499,6 +523,10 @@ def create_app(model: TrainedModel, model_id: str, max_batch: int = 16, max_wait
 
     @app.post("/v1/completions")
     async def completions(request: Request):
+        with state.worker.arrival() as submit:
+            return await _completions(request, submit)
+
+    async def _completions(request: Request, submit: Callable[[list[Job]], None]):
         req = await _parse(request, CompletionRequest)
         assert isinstance(req, CompletionRequest)
         max_tokens = _check_common(req, state)
@@ -513,8 +541,7 @@ def create_app(model: TrainedModel, model_id: str, max_batch: int = 16, max_wait
             raise APIError(400, "prompt: must be a non-empty string (or a list of them)", param="prompt")
         jobs = _make_jobs(state, prompts, max_tokens, req, "prompt")
         cid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
-        for job in jobs:
-            state.worker.submit(job)
+        submit(jobs)
         head = {"id": cid, "object": "text_completion", "created": created, "model": model_id}
         if req.stream:
             def chunk(i: int, text: str | None, done: tuple | None) -> dict[str, Any]:
@@ -535,6 +562,10 @@ def create_app(model: TrainedModel, model_id: str, max_batch: int = 16, max_wait
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request):
+        with state.worker.arrival() as submit:
+            return await _chat(request, submit)
+
+    async def _chat(request: Request, submit: Callable[[list[Job]], None]):
         req = await _parse(request, ChatRequest)
         assert isinstance(req, ChatRequest)
         max_tokens = _check_common(req, state)
@@ -543,7 +574,7 @@ def create_app(model: TrainedModel, model_id: str, max_batch: int = 16, max_wait
         prompt = _chat_prompt(req, state)
         jobs = _make_jobs(state, [prompt], max_tokens, req, "messages")
         cid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
-        state.worker.submit(jobs[0])
+        submit(jobs)
         head = {"id": cid, "object": "chat.completion", "created": created, "model": model_id}
         if req.stream:
             head["object"] = "chat.completion.chunk"
