@@ -115,6 +115,11 @@ def test_models_completion_chat_and_stream(server, reference):
     assert "".join(pieces) == want.text
     assert reasons[-1] == choice.finish_reason and weights == pytest.approx(want.router_weights)
 
+    texts = {0: "", 1: ""}  # several prompts in one streamed request: chunks tagged by choice index
+    for chunk in client.completions.create(model="tiny", prompt=INPUTS[4:6], max_tokens=6, stream=True):
+        texts[chunk.choices[0].index] += chunk.choices[0].text
+    assert [texts[0], texts[1]] == [a.text for a in reference.generate(INPUTS[4:6], max_new_tokens=6)]
+
     stream = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "say yes number 3"}],
                                             max_tokens=6, stream=True, stream_options={"include_usage": True})
     chunks = list(stream)

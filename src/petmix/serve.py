@@ -223,10 +223,13 @@ class Worker:
         self.thread = threading.Thread(target=self._loop, name="petmix-serve-worker", daemon=True)
         self.thread.start()
 
-    def stop(self) -> None:
+    def stop(self, timeout: float = 10.0) -> None:
+        """Let the running batch finish (at most ``timeout`` seconds: Ctrl-C must not hang on a long one)."""
         if self.thread is not None:
             self.queue.put(None)
-            self.thread.join()
+            self.thread.join(timeout)
+            if self.thread.is_alive():
+                log.warning("a batch is still running after %.0f s; leaving it (the worker thread is a daemon)", timeout)
             self.thread = None
         while True:  # whatever is still queued is told so, rather than left waiting
             try:
