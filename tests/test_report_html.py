@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from pathlib import Path
@@ -10,6 +11,7 @@ import pytest
 from chromium import CHROMIUM, inspect_page
 
 from petmix.cli import main
+from petmix.compare import Entry, run_comparison
 from petmix.data.task import Example, Task
 from petmix.report_html import render_compare_html, render_run_html, write_compare_html
 from petmix.runs import write_jsonl
@@ -26,12 +28,15 @@ def _tasks() -> list[Task]:
     return tasks
 
 
+def _config(path: Path) -> TrainConfig:
+    return TrainConfig(method="sapt-lora", model=str(path), batch_size=4, lr=5e-3, max_new_tokens=2,
+                       replay_source="real")
+
+
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory, tiny_llama_path) -> Path:
     out = tmp_path_factory.mktemp("html") / "cmp" / "sapt"
-    cfg = TrainConfig(method="sapt-lora", model=str(tiny_llama_path), batch_size=4, lr=5e-3, max_new_tokens=2,
-                      replay_source="real")
-    Trainer(cfg, _tasks(), out).run()
+    Trainer(_config(tiny_llama_path), _tasks(), out).run()
     # an answer with markup: the page must show it as text
     path = out / "predictions" / "task0.jsonl"
     rows = [json.loads(x) for x in path.read_text().splitlines()]
@@ -56,11 +61,15 @@ def test_cli_writes_report_html(tiny_run, capsys):
     assert "report.html" in capsys.readouterr().out
 
 
-def test_compare_page(tiny_run):
+def test_compare_page(tiny_run, tiny_llama_path):
     out = tiny_run.parent
+    settings = {k: v for k, v in dataclasses.asdict(_config(tiny_llama_path)).items() if k != "method"}
+    run_comparison([Entry("sapt", "sapt-lora")], settings, _tasks(), out)  # finished entry: read, not re-run
+    page = render_compare_html(out)
+    assert '<section id="table">' in page and '<section id="run-sapt">' in page and '<section id="matrices">' in page
+    assert '<td>sapt</td>' in page and "data:image/png;base64," in page
     (out / "table.md").write_text("| method | AP | note |\n|---|---|---|\n| sapt | 12.50 | <i>x</i> |\n", encoding="utf-8")
     page = render_compare_html(out)
-    assert '<section id="table">' in page and '<section id="run-sapt">' in page
     assert "&lt;i&gt;x&lt;/i&gt;" in page and '<td class="num">12.50</td>' in page
     assert write_compare_html(out).is_file()
 
