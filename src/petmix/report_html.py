@@ -114,31 +114,34 @@ def _matrix(results: dict[str, Any]) -> str:
             + f'<p class="muted">a[i][j]: score on task j after training stage i, in percent ({escape(note)}).</p>')
 
 
-def _own_block(results: dict[str, Any]) -> int | None:
-    """Index of task 0's own block when blocks are one per task in task order (routing accuracy applies)."""
+def _routes_per_task(results: dict[str, Any]) -> bool:
+    """One block per task in task order, picked by a router with no task id: routing accuracy applies."""
     from petmix.methods import get_method
 
     try:
         method = get_method(results.get("method", ""))
     except Exception:  # noqa: BLE001 - zero-shot runs and methods of another petmix version
-        return None
-    if method.routing != "attention" or results.get("sources"):
-        return None
-    return 0
+        return False
+    return bool(getattr(method, "routes_per_task", method.routing == "attention")) and not results.get("sources")
 
 
-def routing_accuracy(run_dir: Path, results: dict[str, Any]) -> dict[str, float | None] | None:
-    """Per task: the share of its test inputs (latest stage) whose one largest weight is on its own block."""
-    if _own_block(results) is None:
+def routing_accuracy(run_dir: Path, results: dict[str, Any]) -> list[list[float | None]] | None:
+    """Routing accuracy per (stage, task): the share of a task's test inputs whose one largest router weight
+    is on its own block. From results.json where the run recorded it, else from the latest predictions
+    (one row)."""
+    if not _routes_per_task(results):
         return None
-    out: dict[str, float | None] = {}
+    recorded = results.get("routing_accuracy")
+    if isinstance(recorded, dict) and recorded.get("per_stage"):
+        return recorded["per_stage"]
+    row: list[float | None] = []
     for j, task in enumerate(results["tasks"]):
         path = run_dir / "predictions" / f"{task}.jsonl"
         rows = [json.loads(x).get("router_weights") for x in path.read_text().splitlines() if x] if path.is_file() else []
         rows = [w for w in rows if w and len(w) > j]
         hits = sum(1 for w in rows if w[j] == max(w) and w.count(max(w)) == 1)
-        out[task] = 100.0 * hits / len(rows) if rows else None
-    return out
+        row.append(100.0 * hits / len(rows) if rows else None)
+    return [row]
 
 
 def _metrics(run_dir: Path, results: dict[str, Any]) -> str:
@@ -146,22 +149,23 @@ def _metrics(run_dir: Path, results: dict[str, Any]) -> str:
     rows = [[_cell(k), _cell(v)] for k, v in m.items()]
     if results.get("trainable_params_per_task") is not None:
         rows.append([_cell("trainable parameters per task"), _cell(results["trainable_params_per_task"])])
-    routing = results.get("routing_accuracy")
-    final = routing.get("final") if isinstance(routing, dict) else None
-    per_task = routing_accuracy(run_dir, results)
-    if final is None and per_task:
-        vals = [v for v in per_task.values() if v is not None]
-        final = sum(vals) / len(vals) if vals else None
-    if final is not None:
-        rows.append([_cell("routing accuracy (mean over tasks)"), _cell(final)])
+    routing = routing_accuracy(run_dir, results)
+    if routing:
+        last = [v for v in routing[-1] if v is not None]
+        rows.append([_cell("routing accuracy (mean over tasks, last stage)"),
+                     _cell(sum(last) / len(last) if last else None)])
     body = _table(["metric", "value"], rows)
     body += ('<p class="muted">AP: mean final score; F.Ra: mean drop from a task\'s best score to its final one; '
              "FWT: mean a[i][i] minus the single-task score; BWT: mean a[T][i] - a[i][i].</p>")
-    if per_task:
-        body += "<h3>Routing accuracy per task (test inputs, after the last stage)</h3>"
-        body += _table(["task", "routing accuracy"], [[_cell(t), _cell(v)] for t, v in per_task.items()])
-        definition = routing.get("definition") if isinstance(routing, dict) else None
-        body += f'<p class="muted">{escape(definition or "the share of a task’s test inputs whose largest router weight is on that task’s own block")}.</p>'
+    if routing:
+        names = results.get("stage_names") or []
+        label = (lambda i: f"{i + 1}. {names[i]}" if i < len(names) else str(i + 1)) if len(routing) > 1 else (
+            lambda i: "last stage")
+        body += "<h3>Routing accuracy (test inputs)</h3>"
+        body += _table(["after stage"] + results["tasks"],
+                       [[f"<td>{escape(label(i))}</td>"] + [_score_cell(v) for v in row] for i, row in enumerate(routing)])
+        body += ('<p class="muted">The share of a task\'s test inputs whose largest router weight is on that '
+                 "task's own block, in percent.</p>")
     return body
 
 
@@ -204,7 +208,7 @@ def _weights_bars(weights: list[float] | None, names: list[str]) -> str:
 
 def _block_names(results: dict[str, Any], n: int) -> list[str]:
     sources = [f"source:{s}" for s in results.get("sources") or []]
-    if _own_block(results) is not None or sources:
+    if _routes_per_task(results) or sources:
         return (sources + list(results["tasks"]))[:n]
     return [f"block {b + 1}" for b in range(n)]
 
