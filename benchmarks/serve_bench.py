@@ -11,6 +11,7 @@ Reported: requests per second and p50/p99 latency per request (median over round
 served answer equals the loop's.
 
     python benchmarks/serve_bench.py RUN [--requests 32] [--rounds 3] [--concurrency 1,4,16] [--out FILE.md]
+    python benchmarks/serve_bench.py --tiny DIR ...   # first train a tiny run (tests/tiny.py's model) into DIR
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from __future__ import annotations
 import argparse
 import http.client
 import json
+import os
 import socket
 import statistics
 import threading
@@ -25,6 +27,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import torch
 import uvicorn
 
 from petmix.api import load
@@ -85,9 +88,33 @@ def serve_round(port: int, model_id: str, prompts: list[str], concurrency: int) 
     return time.perf_counter() - start, [o[0] for o in out], [o[1] for o in out]
 
 
+def tiny_run(out: Path) -> Path:
+    """A SAPT-LoRA run of three small tasks on the tiny random Llama of tests/tiny.py (seconds to train)."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from tiny import build_tiny_llama
+
+    from petmix.data.task import Example
+    from petmix.train import TrainConfig, Trainer
+
+    if (out / "run" / "adapters.safetensors").is_file():
+        return out / "run"
+    model = build_tiny_llama(out / "model")
+    tasks = []
+    for t, w in enumerate(["yes", "no", "cat"]):
+        ex = [Example(f"say {w} number {i} " + "x" * (i % 3), [w]) for i in range(20)]
+        tasks.append(Task(f"task{t}", f"Answer {w}.", "exact_match", ex[:12], ex[12:], "plain"))
+    cfg = TrainConfig(method="sapt-lora", model=str(model), epochs=1, batch_size=4, lr=5e-3, max_new_tokens=6,
+                      replay_source="real")
+    Trainer(cfg, tasks, out / "run").run()
+    return out / "run"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("run", type=Path)
+    ap.add_argument("run", type=Path, help="a finished run (with --tiny: a folder to make the tiny run in)")
+    ap.add_argument("--tiny", action="store_true", help="train a tiny run into RUN first (tests/tiny.py's model)")
     ap.add_argument("--requests", type=int, default=32, help="prompts per round and concurrency level")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--concurrency", default="1,4,16")
@@ -96,6 +123,8 @@ def main() -> None:
     ap.add_argument("--out", type=Path, help="also write the table (Markdown) here")
     args = ap.parse_args()
 
+    if args.tiny:
+        args.run = tiny_run(args.run)
     levels = [int(c) for c in args.concurrency.split(",")]
     prompts = run_prompts(args.run, args.requests)
     baseline = load(args.run)
@@ -112,6 +141,7 @@ def main() -> None:
     serve_round(port, "bench", prompts[:2], 1)  # warm both paths once
     loop_round(baseline, prompts[:2])
 
+    load_before = os.getloadavg()[0]
     rows, same = [], True
     for c in levels:
         stats: dict[str, list[tuple[float, float, float]]] = {"loop": [], "serve": []}
@@ -134,7 +164,9 @@ def main() -> None:
     model = baseline.backbone.describe()
     lines = [f"run `{args.run}` ({baseline.method.name}, {model['name']}, {model['parameters']:,} parameters), "
              f"{len(prompts)} requests per round, {args.rounds} rounds (median), max_tokens "
-             f"{baseline.config['max_new_tokens']}, max_batch {args.max_batch}, max_wait {args.max_wait_ms} ms",
+             f"{baseline.config['max_new_tokens']}, max_batch {args.max_batch}, max_wait {args.max_wait_ms} ms; "
+             f"{os.cpu_count()} CPUs, torch threads {torch.get_num_threads()}, load average {load_before:.1f} at the "
+             f"start and {os.getloadavg()[0]:.1f} at the end",
              "", "| concurrency | path | requests/s | p50 ms | p99 ms |", "|---|---|---|---|---|"]
     lines += [f"| {c} | {kind} | {rps:.2f} | {p50:.0f} | {p99:.0f} |" for c, kind, rps, p50, p99 in rows]
     lines += ["", f"served answers identical to the loop's: {'yes' if same else 'NO'}"]
