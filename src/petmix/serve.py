@@ -159,7 +159,10 @@ class Job:
     cancelled: bool = False
 
     def emit(self, event: tuple) -> None:
-        self.loop.call_soon_threadsafe(self.events.put_nowait, event)
+        try:
+            self.loop.call_soon_threadsafe(self.events.put_nowait, event)
+        except RuntimeError:  # the event loop has closed (shutdown): nobody is waiting any more
+            self.cancelled = True
 
 
 def visible_text(text: str, stops: list[str], final: bool) -> tuple[str, bool]:
