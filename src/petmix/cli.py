@@ -446,7 +446,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--model-name", help="the model id clients send (default: the run directory's name)")
     p.add_argument("--max-batch", type=int, default=16, help="most requests answered together")
-    p.add_argument("--max-wait-ms", type=float, default=5.0, help="how long a request waits for others to batch with")
+    p.add_argument("--max-wait-ms", type=float, default=5.0,
+                   help="most time a free worker waits for a request still being read, to batch with it")
     p.set_defaults(func=cmd_serve)
     return parser
 
