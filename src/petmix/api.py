@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -11,7 +13,7 @@ from petmix.backbone import load_backbone
 from petmix.blocks.full import BackbonePool
 from petmix.errors import PetmixError
 from petmix.evaluate import GenerationConfig, generate
-from petmix.methods import get_method
+from petmix.methods import Method, get_method
 from petmix.mixture import Mixture
 from petmix.runs import check_run_folder, load_tensors, read_json
 from petmix.sources import resolve_sources
@@ -22,6 +24,19 @@ from petmix.train import TrainConfig, block_config
 class Answer:
     text: str
     router_weights: dict[str, float] | None  # block (named by the task it was trained on) -> weight
+
+
+def block_names(method: Method, mix: Mixture, tasks: list[str]) -> list[str]:
+    """Each block named by what it learned: its task, ``source:<task>`` (ATTEMPT), ``prompt k`` (L2P's pool),
+    or ``shared`` (one block trained on every task)."""
+    if method.routing == "key-query":
+        names = [f"prompt {i + 1}" for i in range(mix.num_blocks)]
+    elif method.new_block_per_task or (method.joint and method.routing == "attempt"):
+        names = [f"source:{n}" for n in mix.pool.source_names] if mix.num_sources else []
+        names += tasks
+    else:
+        names = ["shared"]
+    return names[: mix.num_blocks]
 
 
 class TrainedModel:
@@ -56,21 +71,17 @@ class TrainedModel:
         self.mix.load_adapter_state(load_tensors(adapters))
         self.mix.eval()
         tasks = list(self.config["tasks"])
-        if self.method.routing == "key-query":
-            self.block_names = [f"prompt {i + 1}" for i in range(self.mix.num_blocks)]
-        elif self.method.new_block_per_task or (self.method.joint and self.method.routing == "attempt"):
-            self.block_names = [f"source:{n}" for n in self.mix.pool.source_names] if self.mix.num_sources else []
-            self.block_names += tasks
-        else:
-            self.block_names = ["shared"]
-        self.block_names = self.block_names[: self.mix.num_blocks]
+        self.block_names = block_names(self.method, self.mix, tasks)
         self.tasks = tasks
         self._loaded_stage: int | None = None
 
-    def generate(self, prompts: list[str], task: str | None = None, max_new_tokens: int | None = None) -> list[Answer]:
+    def generate(self, prompts: list[str], task: str | None = None, max_new_tokens: int | None = None,
+                 streamer_for: Callable[[dict[str, torch.Tensor]], Any] | None = None) -> list[Answer]:
         """Answer full prompts (as the model saw them in training: template, definition, input).
 
         ``task`` is needed only by methods that are given the task id at test time (per-task-lora).
+        ``streamer_for`` is called with each tokenised batch and returns a transformers streamer for that
+        batch's ``generate`` call (``petmix serve`` streams tokens through it); answers do not change.
         """
         index = None
         if self.method.task_id_at_test:
@@ -83,8 +94,13 @@ class TrainedModel:
                 self._loaded_stage = index
         cfg = GenerationConfig(max_new_tokens or self.config["max_new_tokens"], self.config["eval_batch_size"],
                                self.config["max_source_len"], self.config["chat"])
+        prepare = route = self.mix.prepare_fn(index)
+        if streamer_for is not None:
+            def prepare(batch):
+                kwargs, weights = route(batch)
+                return {**kwargs, "streamer": streamer_for(batch)}, weights
         with torch.no_grad():
-            texts, weights = generate(self.backbone, prompts, cfg, self.mix.prepare_fn(index), desc="predict")
+            texts, weights = generate(self.backbone, prompts, cfg, prepare, desc="predict")
         self.mix.clear_weights()
         return [Answer(t, dict(zip(self.block_names, w)) if w else None) for t, w in zip(texts, weights or [None] * len(texts))]
 

@@ -2,7 +2,8 @@
 
 Commands: train (a task stream with a method), compare (several methods, one table), eval (zero-shot),
 report (matrix, metrics, heatmaps of a run), predict (answer with a trained run), sources (train and
-list a library of source prompts for ATTEMPT and SPoT), export (a run's LoRA blocks as PEFT adapters).
+list a library of source prompts for ATTEMPT and SPoT), export (a run's LoRA blocks as PEFT adapters),
+serve (a run behind an OpenAI-compatible API).
 See README.md.
 """
 
@@ -219,6 +220,8 @@ TRAIN_FLAGS: list[tuple[str, Any, str]] = [
     ("--import-adapters", str, "PEFT LoRA adapters as frozen blocks, one per task: task=FOLDER,task=FOLDER "
                                "(the task's stage then trains only the router)"),
     ("--import-examples", int, "train examples per imported task that teach the router (default 32)"),
+    ("--report-to", str, "trackers: tensorboard (pip install 'petmix[tensorboard]'), all, or any accelerate supports; "
+                         "logs the loss per step, router weights and matrix per stage to RUN/tracking"),
 ]
 
 
@@ -340,6 +343,9 @@ def cmd_compare(args: argparse.Namespace) -> int:
                           before_first=lambda: setup_logging(out, args.verbose))
     print((out / "table.md").read_text(encoding="utf-8"))
     print(f"wrote {out / 'table.md'}, {out / 'table.csv'}, {out / 'per_task.md'}, {out / 'matrices.png'}")
+    from petmix.report_html import write_compare_html
+
+    print(f"wrote {write_compare_html(out)}")
     failed = [r["label"] for r in rows if "failed" in r]
     if failed:
         print(f"petmix: {len(failed)} entries failed ({', '.join(failed)}); see {out / 'log.txt'}", file=sys.stderr)
@@ -455,6 +461,10 @@ def cmd_report(args: argparse.Namespace) -> int:
     print(render_report(args.run))
     for path in write_heatmaps(args.run):
         print(f"wrote {path}")
+    if args.html:
+        from petmix.report_html import write_run_html
+
+        print(f"wrote {write_run_html(args.run)}")
     return 0
 
 
@@ -522,6 +532,15 @@ def _printable(text: str, limit: int = 300) -> str:
     """Text safe to echo on a terminal: control characters (escape codes) shown escaped, long text cut."""
     shown = "".join(c if c.isprintable() or c == " " else repr(c)[1:-1] for c in text)
     return shown if len(shown) <= limit else shown[:limit] + f"... ({len(text)} characters)"
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from petmix.runs import setup_logging
+    from petmix.serve import serve
+
+    setup_logging(None, args.verbose)
+    serve(args.run, args.host, args.port, args.model_name, args.max_batch, args.max_wait_ms)
+    return 0
 
 
 def _add_train_flags(p: argparse.ArgumentParser, with_method: bool = True) -> None:
@@ -595,6 +614,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("report", help="print a run's matrix and metrics; write matrix.png and router.png")
     p.add_argument("run")
+    p.add_argument("--html", action="store_true", help="also write RUN/report.html: one self-contained page")
     p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("predict", help="answer inputs with a trained run (automatic routing)")
@@ -612,6 +632,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--to", required=True, help="folder to write (must be new or empty)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --to folder")
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("serve", help="answer a trained run over an OpenAI-compatible HTTP API (/v1/completions, ...)")
+    p.add_argument("run")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--model-name", help="the model id clients send (default: the run directory's name)")
+    p.add_argument("--max-batch", type=int, default=16, help="most requests answered together")
+    p.add_argument("--max-wait-ms", type=float, default=5.0,
+                   help="most time a free worker waits for a request still being read, to batch with it")
+    p.set_defaults(func=cmd_serve)
     return parser
 
 

@@ -53,7 +53,7 @@ def generate(
     weights: list[list[float]] | None = None
     was_training = model.training
     model.eval()
-    bar = tqdm(total=len(ids), desc=desc, unit="ex", dynamic_ncols=True, leave=False)
+    bar = tqdm(total=len(ids), desc=desc, unit="ex", dynamic_ncols=True, leave=False, disable=None)
     for start in range(0, len(order), cfg.batch_size):
         idx = order[start:start + cfg.batch_size]
         batch = prompt_batch(tok, [ids[i] for i in idx], left=not backbone.is_seq2seq)

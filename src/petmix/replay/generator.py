@@ -174,7 +174,7 @@ def train_generator(backbone: Backbone, mix: Mixture, targets: list[str], cfg: G
     order: list[int] = []
     losses: list[float] = []
     mix.train()
-    bar = tqdm(range(total), desc="generator training", unit="step", dynamic_ncols=True, leave=False)
+    bar = tqdm(range(total), desc="generator training", unit="step", dynamic_ncols=True, leave=False, disable=None)
     for step in bar:
         b = step % n_batches
         if b == 0:
@@ -301,7 +301,7 @@ def generate_pseudo_inputs(
         rounds = 0
         kept: list[str] = []
         stats: dict[str, int] = {}
-        bar = tqdm(total=want, desc="sampling pseudo-inputs", unit="input", dynamic_ncols=True, leave=False)
+        bar = tqdm(total=want, desc="sampling pseudo-inputs", unit="input", dynamic_ncols=True, leave=False, disable=None)
         while rounds < cfg.max_rounds:
             if cfg.force_prefix:
                 raw += sample_round(backbone, mix, cfg, rounds, prefix=generator_target(task.definition, "", cfg.separator))
