@@ -15,6 +15,7 @@ import json
 
 import petmix
 from petmix.data.loaders import load_tasks
+from petmix.data.streams import resolve_stream
 from petmix.data.templates import format_prompt
 from petmix.metrics import routing_accuracy
 
@@ -22,7 +23,8 @@ from petmix.metrics import routing_accuracy
 def check(run: str) -> dict[str, dict[str, float | None]]:
     model = petmix.load(run)
     cfg = model.config
-    tasks = load_tasks(cfg["tasks"], cfg.get("data"), max_train=cfg.get("max_train"), max_test=cfg.get("max_test"),
+    specs = resolve_stream(cfg["stream"]) if cfg.get("stream") else cfg["tasks"]  # bigbench: specs, not names
+    tasks = load_tasks(specs, cfg.get("data"), max_train=cfg.get("max_train"), max_test=cfg.get("max_test"),
                        seed=cfg.get("seed", 0))
     out: dict[str, dict[str, float | None]] = {}
     for variant in ("with definition", "without definition"):

@@ -46,11 +46,22 @@ def test_only_the_current_block_changes(tiny_model_path, tmp_path, method):
                 assert torch.equal(v, stages[s][k]), (s, k)
         new_b = [v for k, v in block(stages[s], s).items() if k.endswith(".B")]
         assert any(torch.count_nonzero(b) > 0 for b in new_b)  # the current block did train
-    if method == "sapt-lora":
+    if method == "sapt-lora":  # the default prototype router: old keys frozen, the query projection too
         for s in range(1, 3):
-            for i in range(s):  # old keys frozen, the shared query projection keeps training
+            for i in range(s):
                 assert torch.equal(stages[i][f"router.keys.{i}"], stages[s][f"router.keys.{i}"])
-            assert not torch.equal(stages[s - 1]["router.query.0.weight"], stages[s]["router.query.0.weight"])
+            assert torch.equal(stages[s - 1]["router.query.1.weight"], stages[s]["router.query.1.weight"])
+            assert not torch.count_nonzero(stages[s]["router.query.1.weight"])  # q = LayerNorm(f) throughout
+
+
+def test_paper_router_trains_the_shared_query_projection(tiny_llama_path, tmp_path):
+    out = tmp_path / "run"
+    run(tiny_llama_path, out, router="paper")
+    stages = [load_file(out / "checkpoints" / f"stage-{s}.safetensors") for s in (1, 2, 3)]
+    for s in range(1, 3):
+        for i in range(s):  # old keys frozen, the shared query projection keeps training
+            assert torch.equal(stages[i][f"router.keys.{i}"], stages[s][f"router.keys.{i}"])
+        assert not torch.equal(stages[s - 1]["router.query.0.weight"], stages[s]["router.query.0.weight"])
 
 
 def test_seq_lora_trains_one_block_throughout(tiny_llama_path, tmp_path):

@@ -103,8 +103,9 @@ class Method:
         else:
             trainable = list(mix.pool.block_parameters(current))
         if isinstance(mix.router, SharedAttentionRouter):
-            # SAPT: the new block, the new key and the shared query projection; old keys stay frozen.
-            trainable += list(mix.router.query.parameters()) + [mix.router.keys[current]]
+            # SAPT: the new block and what the router's preset trains (the paper's: the new key and the
+            # shared query projection; the prototype preset's: the new key); old keys stay frozen.
+            trainable += mix.router.trainable(current)
         for p in trainable:
             p.requires_grad_(True)
         assert_only_trainable(mix, trainable)

@@ -3,8 +3,9 @@
 After task j is learned, the router's mean weight vector over held-out inputs of task j is stored
 as its target. While a later task t trains, pseudo-inputs of every earlier task go through the
 router and ``kl_ratio * KL(target_j || current)`` is added to the loss, the target padded with
-zeros for tasks j+1..t. Only the query projection and the current key can receive this gradient:
-the LoRA blocks are not on the path, and earlier keys are frozen.
+zeros for tasks j+1..t. Only what the router trains (the query projection and the current key; the
+prototype preset: the current key) can receive this gradient: the LoRA blocks are not on the path, and
+earlier keys are frozen.
 
 Pseudo-inputs come from stored statistics of the router's input feature (``replay_source="features"``,
 petmix's default: pseudo-features, see ``petmix.replay.features``), from a per-task generator
