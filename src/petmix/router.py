@@ -15,8 +15,8 @@ inference alike:
   ``k_i - c``, divided by a temperature (default 0.05), with ``c`` the mean of the keys. Centring on
   the keys' mean removes what every input shares: measured on SmolLM2, the pooled features of
   different tasks have cosine 0.99, so uncentred scores barely differ between keys. ``c`` is a
-  function of the keys alone: no statistic of old inputs is kept. The query projection and the new
-  key stay learned and train with the block, as in SAPT.
+  function of the keys alone: no statistic of old inputs is kept. The new key trains with the block;
+  the query projection stays at its start (see ``PrototypeRouter.trainable`` for the measurement).
 
 The same module computes the weights that train each new block (attentive learning) and the ones that
 select blocks at test time (attentive selection): there is no second code path.
