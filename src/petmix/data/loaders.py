@@ -164,9 +164,12 @@ def _load_cl(folder: Path, seed: int) -> Task:
         )
     else:
         _, test = _read_cl_file(test_path)
-    labels = None
-    if kind == "long":
-        labels = _read_labels(folder / "labels.json")
+    return _cl_task(folder, kind, definition, train, test, notes)
+
+
+def _cl_task(folder: Path, kind: str, definition: str, train: list[Example], test: list[Example],
+             notes: list[str]) -> Task:
+    """A CL_Benchmark task: SuperNI scored by ROUGE-L, Long Sequence by exact match over its labels."""
     return Task(
         name=folder.name,
         definition=definition,
@@ -174,7 +177,7 @@ def _load_cl(folder: Path, seed: int) -> Task:
         train=train,
         test=test,
         template=kind,
-        labels=labels,
+        labels=_read_labels(folder / "labels.json") if kind == "long" else None,
         benchmark=kind,
         source=str(folder),
         notes=notes,
@@ -196,18 +199,7 @@ def _derive_train(folder: Path, kind: str, test_path: Path, seed: int) -> Task:
             f"examples (seeded {DERIVED_TRAIN_HELD_TEST:.0%}, seed {seed}) are the test set, the other "
             f"{len(kept)} train" + (f" ({dropped} dropped: their input is also a test input)" if dropped else "")
             + "; disjoint by input text")
-    return Task(
-        name=folder.name,
-        definition=definition,
-        metric="exact_match" if kind == "long" else "rougeL",
-        train=kept,
-        test=test,
-        template=kind,
-        labels=_read_labels(folder / "labels.json") if kind == "long" else None,
-        benchmark=kind,
-        source=str(folder),
-        notes=[note],
-    )
+    return _cl_task(folder, kind, definition, kept, test, [note])
 
 
 def _read_cl_file(path: Path) -> tuple[str, list[Example]]:

@@ -97,7 +97,7 @@ class AttentiveReflection(StageHook):
     @torch.no_grad()
     def store_target(self, mix: Mixture, task: Task, heldout: list[Example], max_source_len: int, chat: bool) -> list[float]:
         """Mean router weights over held-out training inputs of a task just learned."""
-        weights = self._route(mix, task, [ex.input for ex in heldout], max_source_len, chat, mix.num_blocks)
+        weights = self._route(mix, task, [ex.input for ex in heldout], max_source_len, chat)
         target = [round(float(w), 8) for w in weights.mean(0)]
         self.targets[task.name] = target
         self._save()
@@ -125,8 +125,8 @@ class AttentiveReflection(StageHook):
         prompts = [backbone.render(format_prompt(task, x), chat) for x in inputs]
         return encode_prompts(backbone.tokenizer, prompts, max_source_len)
 
-    def _route(self, mix: Mixture, task: Task, inputs: list[str], max_source_len: int, chat: bool, n: int) -> torch.Tensor:
-        return self._route_ids(mix, self._encode(mix, task, inputs, max_source_len, chat), n)
+    def _route(self, mix: Mixture, task: Task, inputs: list[str], max_source_len: int, chat: bool) -> torch.Tensor:
+        return self._route_ids(mix, self._encode(mix, task, inputs, max_source_len, chat))
 
     @staticmethod
     def _batch(mix: Mixture, ids: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -135,8 +135,8 @@ class AttentiveReflection(StageHook):
         return input_ids, batch["source_mask"].to(input_ids.device)
 
     @classmethod
-    def _route_ids(cls, mix: Mixture, ids: list[list[int]], n: int) -> torch.Tensor:
-        assert n == mix.num_blocks
+    def _route_ids(cls, mix: Mixture, ids: list[list[int]]) -> torch.Tensor:
+        """Router weights over every block, through the one path training and evaluation use."""
         return mix.weights_for(*cls._batch(mix, ids))
 
     # ---- the hook ---------------------------------------------------------------------------------
@@ -211,7 +211,7 @@ class AttentiveReflection(StageHook):
             else:
                 start = (micro_batch // self.every * self.batch_size) % len(ids)  # deterministic cycling
                 chosen = [ids[(start + k) % len(ids)] for k in range(min(self.batch_size, len(ids)))]
-                current = self._route_ids(mix, chosen, n)
+                current = self._route_ids(mix, chosen)
             kl = reflection_kl(current, padded_target(self.targets[name], n))
             total = kl if total is None else total + kl
         return None if total is None else self.kl_ratio * total
