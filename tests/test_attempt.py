@@ -13,7 +13,7 @@ from petmix.backbone import load_backbone
 from petmix.blocks.prompt import PromptConfig
 from petmix.data.collate import encode_prompts, prompt_batch
 from petmix.methods import get_method
-from petmix.methods.attempt import most_similar, prompt_similarity
+from petmix.methods.spot import most_similar, prompt_similarity
 from petmix.mixture import Mixture
 from petmix.router import AttemptAttention
 from petmix.runs import read_json, save_tensors
@@ -79,8 +79,8 @@ def test_instance_prompt_is_target_plus_attention_weighted_sum(tiny_llama_path, 
     assert mix.num_sources == 2 and mix.pool.source_names == ["mnli", "sst2"]
     tok = backbone.tokenizer
     batch = prompt_batch(tok, encode_prompts(tok, ["say yes", "say cat now"], 32), left=True)
-    w = mix.weights_for(batch["input_ids"], batch["source_mask"], task_index=1)
-    a = mix.last_attention
+    routing = mix.route(batch["input_ids"], batch["source_mask"], task_index=1)
+    w, a = routing.weights, routing.reported
     torch.testing.assert_close(a.sum(1), torch.ones(2))  # attention over 2 sources + own target
     assert float(a[:, 2].abs().sum().detach()) == 0.0  # the other task's target is not a candidate
     inputs = mix.pool.model_inputs(batch, w)

@@ -7,7 +7,9 @@ import torch
 from safetensors.torch import load_file
 from test_train import make_tasks
 
-from petmix.methods.baselines import ElasticWeightConsolidation, ExperienceReplay, orthogonality_loss
+from petmix.methods.ewc import ElasticWeightConsolidation
+from petmix.methods.o_lora import orthogonality_loss
+from petmix.methods.replay import ExperienceReplay
 from petmix.runs import read_json
 from petmix.train import TrainConfig, Trainer
 
@@ -74,7 +76,7 @@ def test_baselines_train_on_a_stream(tiny_llama_path, tmp_path, method):
 # ---- seq-ft, LwF, L2P, LFPT5, progressive prompts -------------------------------------------------
 
 def test_distillation_loss_is_smallest_when_student_matches_teacher():
-    from petmix.methods.baselines import distillation_loss
+    from petmix.methods.lwf import distillation_loss
 
     teacher = torch.tensor([[2.0, 0.5, -1.0, 0.0]])
     p = torch.softmax(teacher / 2.0, -1)
@@ -100,10 +102,11 @@ def test_key_query_router_selects_the_prompt_whose_key_matches(tiny_llama_path):
     with torch.no_grad():
         mix.router.keys[4].copy_(q[0])
         mix.router.keys[1].copy_(q[1])
-    sel = mix.weights_for(ids, mask)
+    routing = mix.route(ids, mask)
+    sel = routing.weights
     assert sel.sum(1).tolist() == [2.0, 2.0]
     assert sel[0, 4] == 1 and sel[1, 1] == 1
-    assert float(mix.router.last_match_loss.detach()) < 1.0  # the matching key is at cosine 1
+    assert float(routing.loss.detach()) < 1.0  # the matching key is at cosine 1
     # The selected prompts are concatenated: 2 prompts x 2 tokens in front of the input.
     inputs = mix.pool.model_inputs({"input_ids": ids, "attention_mask": mask}, sel)
     assert inputs["inputs_embeds"].shape[1] == ids.shape[1] + 4

@@ -15,12 +15,14 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from petmix.config import TrainConfig
 from petmix.errors import PetmixError
 from petmix.replay.generator import GeneratorConfig
-from petmix.train import TRAIN_BOUNDS, TrainConfig
 from petmix.validation import COUNT, Bounds, _kind
 
-HINTS = typing.get_type_hints(TrainConfig)
+# Every setting: TrainConfig's own and every registered method's options (declared beside the method).
+OWNER = {f.name: owner for owner, f in TrainConfig.settings()}
+HINTS = {name: typing.get_type_hints(owner)[name] for name, owner in OWNER.items()}
 GEN_HINTS = typing.get_type_hints(GeneratorConfig)
 
 containers = st.one_of(st.lists(st.integers(), min_size=1, max_size=3),
@@ -91,7 +93,7 @@ GEN_NAMES = sorted(n for n in GEN_HINTS if n not in ("bf16", "seed"))
 @given(st.data())
 def test_every_setting_refuses_bad_values(data):
     key = data.draw(st.sampled_from(NAMES), label="key")
-    value = data.draw(bad_values(HINTS[key], _rule(TrainConfig, key, TRAIN_BOUNDS)), label="value")
+    value = data.draw(bad_values(HINTS[key], _rule(OWNER[key], key, {})), label="value")
     with pytest.raises(PetmixError) as err:
         TrainConfig.from_dict({key: value}, "prop.yaml", check_files=False)
     assert f"prop.yaml: {key}" in str(err.value)
@@ -112,7 +114,7 @@ def test_every_generator_setting_refuses_bad_values(data):
 def test_values_of_the_right_type_and_range_are_accepted(data):
     key = data.draw(st.sampled_from([n for n in NAMES if _kind(HINTS[n])[0] in (int, float, bool)]), label="key")
     base, _ = _kind(HINTS[key])
-    rule = _rule(TrainConfig, key, TRAIN_BOUNDS)
+    rule = _rule(OWNER[key], key, {})
     if base is bool:
         value = data.draw(st.booleans())
     elif base is int:

@@ -99,7 +99,7 @@ def test_router_weights_same_in_training_and_selection(tiny_model_path):
     p_ids = encode_prompts(tok, prompts, 64)
     a_ids = encode_answers(tok, ["positive", "no"], 8)
     train = training_batch(tok, p_ids, a_ids, backbone.is_seq2seq)
-    _, w_train = mix(train)
+    w_train = mix(train).weights
     gen = prompt_batch(tok, p_ids, left=not backbone.is_seq2seq)
     _, w_select = mix.prepare_fn()(gen)
     mix.clear_weights()

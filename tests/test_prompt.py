@@ -60,7 +60,8 @@ def test_prompt_training_batch_masks_prompt_positions(tiny_model_path):
     tok = backbone.tokenizer
     batch = training_batch(tok, encode_prompts(tok, ["say yes"], 32), encode_answers(tok, ["yes"], 4),
                            backbone.is_seq2seq)
-    loss, weights = mix(batch)
+    out = mix(batch)
+    loss, weights = out.loss, out.weights
     assert torch.isfinite(loss) and weights.shape == (1, 1)
     loss.backward()
     assert mix.pool.prompts[0].grad is not None

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import re
 from pathlib import Path
@@ -63,7 +62,7 @@ def test_cli_writes_report_html(tiny_run, capsys):
 
 def test_compare_page(tiny_run, tiny_llama_path):
     out = tiny_run.parent
-    settings = {k: v for k, v in dataclasses.asdict(_config(tiny_llama_path)).items() if k != "method"}
+    settings = {k: v for k, v in _config(tiny_llama_path).to_dict().items() if k != "method"}
     run_comparison([Entry("sapt", "sapt-lora")], settings, _tasks(), out)  # finished entry: read, not re-run
     page = render_compare_html(out)
     assert '<section id="table">' in page and '<section id="run-sapt">' in page and '<section id="matrices">' in page

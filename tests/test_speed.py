@@ -50,7 +50,7 @@ def _loss_and_grads(mix: Mixture, batch: dict, fast: bool, task_index=None) -> t
     Mixture.label_only_head = fast
     PooledLoRALinear.fused = fast
     mix.zero_grad(set_to_none=True)
-    loss, _ = mix(batch, task_index)
+    loss = mix(batch, task_index).loss
     loss.backward()
     params = [p for p in mix.parameters() if p.requires_grad]
     return loss.detach(), [p.grad.clone() for p in params]

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -11,13 +11,14 @@ import torch
 
 from petmix.backbone import load_backbone
 from petmix.blocks.full import BackbonePool
+from petmix.build import build_mixture
+from petmix.config import TrainConfig
 from petmix.errors import PetmixError
 from petmix.evaluate import GenerationConfig, generate
 from petmix.methods import Method, get_method
 from petmix.mixture import Mixture
 from petmix.runs import check_run_folder, load_tensors, read_json
 from petmix.sources import resolve_sources
-from petmix.train import TrainConfig, block_config
 
 
 @dataclass
@@ -27,16 +28,8 @@ class Answer:
 
 
 def block_names(method: Method, mix: Mixture, tasks: list[str]) -> list[str]:
-    """Each block named by what it learned: its task, ``source:<task>`` (ATTEMPT), ``prompt k`` (L2P's pool),
-    or ``shared`` (one block trained on every task)."""
-    if method.routing == "key-query":
-        names = [f"prompt {i + 1}" for i in range(mix.num_blocks)]
-    elif method.new_block_per_task or (method.joint and method.routing == "attempt"):
-        names = [f"source:{n}" for n in mix.pool.source_names] if mix.num_sources else []
-        names += tasks
-    else:
-        names = ["shared"]
-    return names[: mix.num_blocks]
+    """Each block named by what it learned (the method says: its task, ``source:<task>``, ``shared``, ...)."""
+    return method.block_names(mix, tasks)
 
 
 class TrainedModel:
@@ -55,18 +48,14 @@ class TrainedModel:
             raise PetmixError(f"{cfg_path}: not a petmix run configuration (a JSON object with method, model, tasks)")
         # Settings an older petmix did not write keep their defaults (runs made before the router
         # presets existed used the paper's router); the ones written are checked.
-        known = {f.name for f in fields(TrainConfig)}
+        known = set(TrainConfig().to_dict())
         written = {"router": "paper", **{k: v for k, v in self.config.items() if k in known}}
         cfg = TrainConfig.from_dict({**written, "tasks": [], "lora_dropout": 0.0}, str(cfg_path), check_files=False)
-        self.config = {**asdict(cfg), **self.config}
+        self.config = {**cfg.to_dict(), **self.config}
         self.method = get_method(cfg.method)
         self.backbone = load_backbone(model or cfg.model)
         sources = resolve_sources(cfg.sources) if cfg.sources else []
-        self.mix = Mixture(self.backbone, block_config(cfg, self.method, sources), self.method.routing,
-                           cfg.router_hidden, top_k=cfg.l2p_top_k, pool_size=cfg.l2p_pool_size,
-                           train_layer_norm=cfg.attempt_train_layer_norm, token_level=cfg.attempt_token_level,
-                           temperature=cfg.attempt_temperature, router_preset=cfg.router,
-                           router_temperature=cfg.router_temperature)
+        self.mix = build_mixture(cfg, self.method, self.backbone, sources)
         self.run_dir = run_dir
         self.mix.load_adapter_state(load_tensors(adapters))
         self.mix.eval()

@@ -83,7 +83,7 @@ def _check_eval_args(args: argparse.Namespace) -> None:
     if args.data is not None and not Path(args.data).expanduser().is_dir():
         raise PetmixError(f"--data: {args.data}: no such folder")
     if args.model is not None:
-        from petmix.train import check_model_name
+        from petmix.config import check_model_name
 
         check_model_name(args.model, "--model")
     if args.stream is not None and not args.tasks:
@@ -155,80 +155,55 @@ def _method_help() -> str:
     return "one of: " + ", ".join(METHODS) + " (default sapt-lora)"
 
 
-TRAIN_FLAGS: list[tuple[str, Any, str]] = [
-    ("--method", str, "see `petmix methods`"),
-    ("--model", str, "local model folder or packaged alias (default smollm2-135m)"),
-    ("--data", str, "folder of tasks (e.g. ../shared/data/CL_Benchmark); not needed for bigbench: tasks"),
-    ("--tasks", str, "comma-separated task names or folders, in stream order"),
-    ("--stream", str, "named stream instead of --tasks (default, superni-order1, ...)"),
-    ("--epochs", float, "epochs per task (fractions allowed)"),
-    ("--lr", float, "learning rate (constant)"),
-    ("--batch-size", int, "examples per micro-batch"),
-    ("--grad-accum", int, "micro-batches per optimiser step"),
-    ("--max-train", int, "cap on training examples per task"),
-    ("--max-test", int, "cap on test examples per task"),
-    ("--max-source-len", int, "prompt tokens (longer prompts lose their middle)"),
-    ("--max-target-len", int, "answer tokens"),
-    ("--seed", int, "seed for sampling, data order and initialisation"),
-    ("--test-seed", int, "seed that picks the test examples (default: --seed); compare --seeds fixes it"),
-    ("--lora-r", int, "LoRA rank"),
-    ("--lora-alpha", float, "LoRA alpha"),
-    ("--lora-dropout", float, "LoRA dropout"),
-    ("--target-modules", str, "comma-separated module names to put LoRA on (default q and v projections)"),
-    ("--router-hidden", int, "hidden size of the router's query projection"),
-    ("--router", str, "SAPT's shared attention: prototype (default: tells tasks apart at small budgets) or "
-                      "paper (SAPT as published)"),
-    ("--router-temperature", float, "softmax temperature of the shared attention (default: the preset's, "
-                                    "0.05 prototype / 1 paper)"),
-    ("--router-lr", float, "learning rate of the router (default 0.01)"),
-    ("--prompt-length", int, "prompt methods: soft prompt tokens per block"),
-    ("--prompt-init", str, "prompt methods: vocab (random vocabulary embeddings), a saved prompt .safetensors, "
-                           "or the task name of a source prompt (with --sources)"),
-    ("--kl-ratio", float, "SAPT's attentive reflection weight (0 switches ARM off)"),
-    ("--replay-source", str, "ARM pseudo-inputs: features (default: drawn from stored per-task statistics of the "
-                             "router's feature), generated (SAPT's generator) or real (oracle: real stored inputs)"),
-    ("--replay-batch-size", int, "pseudo-inputs per earlier task per reflection step"),
-    ("--replay-every", int, "micro-batches between reflection losses"),
-    ("--heldout-fraction", float, "part of each task's train split held out (ARM targets)"),
-    ("--olora-lambda1", float, "o-lora: weight of the orthogonality loss"),
-    ("--olora-lambda2", float, "o-lora: weight of the L2 loss on the new block"),
-    ("--ewc-lambda", float, "ewc: penalty weight"),
-    ("--ewc-online", _bool, "ewc: online EWC (one anchor, decayed sum of Fisher terms): true/false"),
-    ("--buffer-per-task", int, "replay: real examples kept per finished task"),
-    ("--buffer-total", int, "replay: one budget shared equally by the finished tasks (instead of per task)"),
-    ("--buffer-sampling", str, "replay: random (default) or balanced (round-robin over the answers)"),
-    ("--buffer-per-batch", int, "replay, lfpt5: buffer (pseudo-)examples added to every micro-batch"),
-    ("--unfreeze", str, "seq-ft, full-ft: all (default), last:N (top N layers, final norm, head) or a name regex"),
-    ("--lwf-alpha", float, "lwf: weight of the distillation term"),
-    ("--lwf-temperature", float, "lwf: distillation temperature"),
-    ("--l2p-pool-size", int, "l2p: prompts in the shared pool"),
-    ("--l2p-top-k", int, "l2p: prompts selected per input"),
-    ("--l2p-lambda", float, "l2p: weight of the key-query matching loss"),
-    ("--sources", str, "attempt, attempt-m, spot: comma-separated source-prompt libraries or .safetensors files"),
-    ("--prompt-depth", str, "prompt methods: shallow or deep (a prompt at every layer); default the method's"),
-    ("--prompt-encoder", str, "prompt methods: none, mlp or lstm reparameterisation; default the method's"),
-    ("--prompt-encoder-hidden", int, "hidden width of the prompt encoder"),
-    ("--attempt-token-level", _bool, "attempt: score each prompt token instead of the max-pooled prompt: true/false"),
-    ("--attempt-train-layer-norm", _bool, "attempt: train G's LayerNorm (default true)"),
-    ("--attempt-temperature", float, "attempt: softmax temperature of G (default d * e, the paper's)"),
-    ("--spot-probe-steps", int, "spot: steps of the probe prompt that picks the source"),
-    ("--eval-scope", str, "seen (tasks so far, default) or all (every task after every stage)"),
-    ("--eval-batch-size", int, "generation batch size"),
-    ("--max-new-tokens", int, "generation length cap"),
-    ("--checkpoint-every", int, "optimiser steps between mid-stage checkpoints"),
-    ("--single-task-results", str, "a per-task-lora run (or its results.json) giving the single-task scores for FWT"),
-    ("--import-adapters", str, "PEFT LoRA adapters as frozen blocks, one per task: task=FOLDER,task=FOLDER "
-                               "(the task's stage then trains only the router)"),
-    ("--import-examples", int, "train examples per imported task that teach the router (default 32)"),
-    ("--report-to", str, "trackers: tensorboard (pip install 'petmix[tensorboard]'), all, or any accelerate supports; "
-                         "logs the loss per step, router weights and matrix per stage to RUN/tracking"),
-]
+def _yaml_mapping(text: str) -> Any:
+    import yaml
+
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise argparse.ArgumentTypeError(f"not a YAML mapping ({' '.join(str(err).split())})") from None
+
+
+def train_flags() -> list[tuple[str, dict[str, Any]]]:
+    """``petmix train``'s flags, one per setting (TrainConfig's own and every registered method's options),
+    each with the setting's help line and default: derived, never kept by hand. Values are read as text
+    and converted by the same validation pass a config file goes through (``TrainConfig.from_dict``)."""
+    import typing
+
+    from petmix.config import TrainConfig
+    from petmix.validation import _kind
+
+    flags = []
+    for owner, f in TrainConfig.settings():
+        base, _ = _kind(typing.get_type_hints(owner)[f.name])
+        kwargs: dict[str, Any] = {"help": _flag_help(f), "default": argparse.SUPPRESS}
+        if base is bool:  # --chat alone is true; --chat false says it
+            kwargs.update(nargs="?", const=True, type=_bool, metavar="true|false")
+        elif typing.get_origin(base) is dict or base is dict:
+            kwargs.update(type=_yaml_mapping, metavar="YAML")
+        elif typing.get_origin(base) is list:
+            kwargs.update(metavar="A,B,...")
+        flags.append(("--" + f.name.replace("_", "-"), kwargs))
+    return flags
+
+
+def _flag_help(f: Any) -> str:
+    import dataclasses
+
+    text = f.metadata.get("help", "")
+    default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+    if default not in (None, [], {}, "") and "default" not in text:
+        text += f" (default {default})"
+    rule = f.metadata.get("bounds")
+    if rule is not None and rule.choices is None and rule.describe() != "any value":
+        text += f"; {rule.describe()}"
+    return text.replace("%", "%%")
 
 
 def _train_config(args: argparse.Namespace, apply_tuned: bool = False):
     import yaml
 
-    from petmix.train import TrainConfig
+    from petmix.config import TrainConfig
 
     values: dict[str, Any] = {}
     if getattr(args, "config", None) is not None:
@@ -312,7 +287,6 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    import dataclasses
 
     from petmix.compare import Entry, check_entries, load_tuned, run_comparison
     from petmix.data.loaders import load_tasks
@@ -335,7 +309,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
     if seeds:
         tasks = tasks_for_seed(cfg.seed)
-    base = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "method"}
+    base = {k: v for k, v in cfg.to_dict().items() if k != "method"}
     tuned = load_tuned(args.tuned) if getattr(args, "tuned", None) else {}
     record = {"command": command_line(getattr(args, "argv", None)), "tuned_file": getattr(args, "tuned", None)}
     rows = run_comparison(entries, base, tasks, out, seeds=seeds, tasks_for_seed=tasks_for_seed, tuned=tuned,
@@ -373,7 +347,6 @@ def _float_list(text: str | None, flag: str) -> list[float] | None:
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
-    import dataclasses
 
     from petmix.data.loaders import load_tasks
     from petmix.data.streams import resolve_stream
@@ -390,7 +363,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
     # Uncapped train (the validation split comes out of all of it); the test split is replaced unread.
     loaded = load_tasks(specs, cfg.data, max_train=None, max_test=None, seed=cfg.seed, test_seed=cfg.test_seed)
     tasks = validation_tasks(loaded, args.val_fraction, cfg.seed, args.val_max, cfg.max_train)
-    base = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("method", "tasks", "stream")}
+    base = {k: v for k, v in cfg.to_dict().items() if k not in ("method", "tasks", "stream")}
     base["tasks"] = [t.name for t in tasks]
     path = Path(args.tuned_file) if args.tuned_file else out / "tuned.yaml"
     record = {"command": command_line(getattr(args, "argv", None)), "model": cfg.model,
@@ -546,11 +519,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def _add_train_flags(p: argparse.ArgumentParser, with_method: bool = True) -> None:
     """Training settings: flags left out keep the config file's value (or the default)."""
     p.add_argument("--config", help="YAML file with the same keys as the flags (flags override it)")
-    for flag, kind, text in TRAIN_FLAGS:
+    for flag, kwargs in train_flags():
         if with_method or flag != "--method":
-            p.add_argument(flag, type=kind, help=text, default=argparse.SUPPRESS)
-    p.add_argument("--bf16", action="store_true", default=argparse.SUPPRESS, help="bfloat16 autocast (CPU and GPU)")
-    p.add_argument("--chat", action="store_true", default=argparse.SUPPRESS, help="wrap prompts in the chat template")
+            p.add_argument(flag, **kwargs)
 
 
 def build_parser() -> argparse.ArgumentParser:

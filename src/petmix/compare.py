@@ -12,7 +12,6 @@ Writes ``OUT/table.md``, ``OUT/table.csv``, ``OUT/per_task.md``, ``OUT/compare.j
 from __future__ import annotations
 
 import csv
-import dataclasses
 import io
 import logging
 import re
@@ -23,7 +22,7 @@ from typing import Any
 
 from petmix.data.task import Task
 from petmix.errors import PetmixError
-from petmix.methods import get_method
+from petmix.methods import METHODS, get_method
 from petmix.runs import read_json, write_json
 from petmix.stats import NOISE_RULE, Summary, within_noise
 from petmix.train import TrainConfig, Trainer, settings_diff, stages_wall_seconds
@@ -93,23 +92,24 @@ def run_settings_diff(run_dir: Path, cfg: TrainConfig, task_names: list[str]) ->
     path = run_dir / "config.json"
     if not path.is_file():
         return []
-    return settings_diff(read_json(path), {**dataclasses.asdict(cfg), "tasks": task_names})
+    return settings_diff(read_json(path), {**cfg.to_dict(), "tasks": task_names})
 
 
 def note_for(results: dict[str, Any]) -> str:
     notes = []
     if results.get("task_id_at_test"):
         notes.append("task id given at test")
-    if results.get("method", "").startswith("per-task"):
+    method = METHODS.get(results.get("method", ""))
+    if method is not None and method.reference:
         notes.append("single-task reference (its diagonal gives FWT)")
     stages = results.get("stages") or [{}]
     replay = stages[0].get("replay")
     if replay:
         notes.append(replay)
-    elif results.get("method") == "sapt-lora":
-        notes.append("no ARM")
+    elif method is not None and method.routes_per_task:
+        notes.append("no ARM")  # a routing method whose stages record no replay: reflection was off
     if results.get("stage_names") == ["joint"]:
-        notes.append("joint training" + ("" if results.get("method", "").startswith("attempt") else " (upper reference)"))
+        notes.append("joint training" + ("" if results.get("sources") else " (upper reference)"))
     if results.get("independent"):
         notes = ["single-task: one model per task"]
     return "; ".join(notes)
@@ -154,8 +154,11 @@ def run_comparison(entries: list[Entry], base: dict[str, Any], tasks: list[Task]
         test_seed = int(base.get("seed", 0) or 0)  # one test set for every seed
     load = tasks_for_seed or (lambda s: tasks)
     names = [t.name for t in tasks]
-    ordered = sorted(entries, key=lambda e: e.method != "per-task-lora")  # single-task scores first
-    single = next((e for e in ordered if e.method == "per-task-lora"), None)
+    def reference(e: Entry) -> bool:
+        return e.method in METHODS and METHODS[e.method].reference
+
+    ordered = sorted(entries, key=lambda e: not reference(e))  # single-task scores first
+    single = next((e for e in ordered if reference(e)), None)
 
     def run_dir(entry: Entry, seed: int) -> Path:
         if not multi:

@@ -195,7 +195,7 @@ def model_card(config: dict[str, Any], results: dict[str, Any] | None, method: A
     if has_lora:
         first = names[0]
         mixed = ("The run itself mixes the blocks per input with its router (no task id); one adapter alone "
-                 "is that task's block at weight 1." if method.routing == "attention" else
+                 "is that task's block at weight 1." if method.routes_per_task else
                  f"The run combined its blocks by `{method.routing}` routing.")
         lines += ["", "## Loading", "", mixed, "", "With PEFT, one task's block:", "", "```python",
                   "from peft import PeftModel",
@@ -343,8 +343,11 @@ def read_peft_adapter(folder: Path, model: nn.Module, *, targets: list[str], r: 
 
 def check_import_method(method: Any) -> None:
     if method.block != "lora" or not method.new_block_per_task or method.joint:
+        from petmix.methods import METHODS
+
+        fit = [m.name for m in METHODS.values() if m.block == "lora" and m.new_block_per_task and not m.joint]
         raise PetmixError(f"import_adapters needs a method with one LoRA block per task "
-                          f"(sapt-lora, inc-lora, per-task-lora, o-lora), not {method.name}")
+                          f"({', '.join(fit)}), not {method.name}")
 
 
 def read_imports(specs: list[str] | str, model: nn.Module, *, targets: list[str], r: int, alpha: float,

@@ -71,7 +71,8 @@ def test_router_weights(run_dir: str | Path, results: dict[str, Any]) -> list[li
 
 
 def source_attention(run_dir: str | Path, results: dict[str, Any]) -> list[list[float]] | None:
-    """ATTEMPT: mean attention per (target task, [sources..., own target]) over the task's test inputs."""
+    """Runs whose pool starts with source prompts (ATTEMPT): mean attention per (target task, [sources...,
+    own target]) over the task's test inputs."""
     sources = results.get("sources") or []
     if not sources:
         return None
@@ -81,8 +82,8 @@ def source_attention(run_dir: str | Path, results: dict[str, Any]) -> list[list[
         if not path.is_file():
             return None
         weights = [w for w in (r.get("router_weights") for r in read_jsonl(path) if isinstance(r, dict)) if w]
-        if not weights:
-            return None
+        if not weights or len(weights[0]) < m + t + 1:
+            return None  # not attention over the sources and a target per task (e.g. SPoT, which only starts from them)
         cols = list(range(m)) + [m + t]
         rows.append([sum(w[c] for w in weights) / len(weights) for c in cols])
     return rows
@@ -161,7 +162,7 @@ def write_heatmaps(run_dir: str | Path, results: dict[str, Any] | None = None) -
     fig.savefig(written[-1], dpi=130)
     plt.close(fig)
 
-    attention = source_attention(run_dir, results) if results.get("method", "").startswith("attempt") else None
+    attention = source_attention(run_dir, results) if results.get("sources") else None
     if attention:
         cols = [short(s) for s in results["sources"]] + ["own target"]
         fig, ax = plt.subplots(figsize=(2.5 + 0.8 * len(cols), 1.5 + 0.5 * len(tasks)))
@@ -236,7 +237,7 @@ def render_report(run_dir: str | Path) -> str:
     if results.get("independent"):
         parts.append("single-task method: each task is learned from the same start and scored by its own model "
                      "(the diagonal); AP is their mean")
-    attention = source_attention(run_dir, results) if results.get("method", "").startswith("attempt") else None
+    attention = source_attention(run_dir, results) if results.get("sources") else None
     if attention:
         cols = list(results["sources"]) + ["own target"]
         parts += ["", "mean attention over source prompts (test inputs):", "",

@@ -122,7 +122,7 @@ def _routes_per_task(results: dict[str, Any]) -> bool:
         method = get_method(results.get("method", ""))
     except Exception:  # noqa: BLE001 - zero-shot runs and methods of another petmix version
         return False
-    return bool(getattr(method, "routes_per_task", method.routing == "attention")) and not results.get("sources")
+    return method.routes_per_task and not results.get("sources")
 
 
 def routing_accuracy(run_dir: Path, results: dict[str, Any]) -> list[list[float | None]] | None:

@@ -1,5 +1,17 @@
-"""Routers: the shared attention that weighs a pool of blocks per input (SAPT), and the other methods'
-selection rules (L2P's key-query matching, ATTEMPT's attention over source prompts).
+"""Routers: how a mixture weighs its pool of blocks for each input. One family, one interface
+(:class:`Router`): ``route`` gives the weights of a batch (and what to report, and any loss of the
+router's own), ``add_block`` grows the router with the pool, ``trainable`` says which of its parameters
+train while a block learns. Training, evaluation, reflection and inference all call ``route`` through
+``Mixture``; nothing is left on a module for later steps to pick up.
+
+Kinds (``make_router``; a method names its kind, see ``petmix.methods``):
+
+- ``sum``: every block with weight 1 (IncLoRA, and single-block methods such as SeqLoRA);
+- ``task``: the true task's block only (PerTask references: the task id is given);
+- ``progressive``: blocks 1..t of task t (Progressive Prompts: the task id is given);
+- ``attention``: SAPT's shared attention (no task id, learned; preset ``prototype`` or ``paper``);
+- ``key-query``: L2P's top-k selection from a shared pool by key-query matching (no task id);
+- ``attempt``: ATTEMPT's attention G over frozen source prompts and the task's target prompt.
 
 SAPT's shared attention has two presets, one family with one interface (``feature`` ->
 ``weights_from_features``; ``forward`` chains them), used by training, evaluation, reflection and
@@ -25,12 +37,120 @@ select blocks at test time (attentive selection): there is no second code path.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+if TYPE_CHECKING:
+    from petmix.mixture import Mixture
+
 ROUTER_PRESETS = ("prototype", "paper")
+
+
+@dataclass
+class Routing:
+    """What a router gives for a batch: ``weights`` applied to the pool (``[B, n]``, or ``[B, n, L]`` for
+    token-level ATTEMPT), ``reported`` ``[B, n]`` to record (e.g. ATTEMPT's attention a, not 1 + a), and
+    ``loss``, a training term of the router's own (L2P's key matching) or None."""
+
+    weights: torch.Tensor
+    reported: torch.Tensor
+    loss: torch.Tensor | None = None
+
+
+class Router(nn.Module):
+    """The interface every router implements. Class attributes say what generic code may rely on;
+    ``build(d_model, **options)`` (a classmethod) makes one from a run's settings."""
+
+    kind: ClassVar[str] = ""
+    needs_task_id: ClassVar[bool] = False  # route() needs the task index (a task-id method at test time)
+    learned: ClassVar[bool] = False  # per-input weights that training records (train_router_weights)
+    selects_per_task: ClassVar[bool] = False  # picks among per-task blocks with no task id: routing accuracy
+    uses_sources: ClassVar[bool] = False  # the pool starts with frozen source prompts (ATTEMPT)
+
+    def route(self, mix: Mixture, input_ids: torch.Tensor, source_mask: torch.Tensor,
+              task_index: int | torch.Tensor | None = None) -> Routing:
+        raise NotImplementedError
+
+    def add_block(self, mix: Mixture, inputs: dict[str, torch.Tensor] | None = None) -> None:
+        """The pool just got a block (``inputs``: the new task's training prompts, for routers that
+        place a key from the data)."""
+
+    def trainable(self, current: int) -> list[nn.Parameter]:
+        """The router's parameters that train while block ``current`` learns."""
+        return []
+
+    def grow(self, n_blocks: int) -> None:
+        """Make room for the state of a router that had ``n_blocks`` blocks (before loading it)."""
+
+
+ROUTERS: dict[str, type[Router]] = {}
+
+
+def register_router(kind: str) -> Callable[[type], type]:
+    """Class decorator: ``make_router(kind, ...)`` builds the class with ``cls.build(d_model, **options)``."""
+    def add(cls: type) -> type:
+        ROUTERS[kind] = cls
+        cls.kind = kind
+        return cls
+
+    return add
+
+
+def make_router(kind: str, d_model: int, **options: Any) -> Router:
+    """A router of a registered kind; each kind reads the options it knows (see its ``build``)."""
+    if kind not in ROUTERS:
+        raise ValueError(f"routing must be one of {tuple(ROUTERS)}, not {kind!r}")
+    return ROUTERS[kind].build(d_model, **options)
+
+
+def _fixed_weights(input_ids: torch.Tensor, n: int, fill: Callable[[torch.Tensor], None]) -> Routing:
+    w = torch.zeros(input_ids.shape[0], n, device=input_ids.device)
+    fill(w)
+    return Routing(w, w)
+
+
+@register_router("sum")
+class SumRouter(Router):
+    """Every block with weight 1."""
+
+    @classmethod
+    def build(cls, d_model: int, **_: Any) -> SumRouter:
+        return cls()
+
+    def route(self, mix, input_ids, source_mask, task_index=None) -> Routing:
+        w = torch.ones(input_ids.shape[0], mix.num_blocks, device=input_ids.device)
+        return Routing(w, w)
+
+
+@register_router("task")
+class TaskRouter(Router):
+    """The true task's block only (the task id is given)."""
+
+    needs_task_id = True
+
+    @classmethod
+    def build(cls, d_model: int, **_: Any) -> TaskRouter:
+        return cls()
+
+    def route(self, mix, input_ids, source_mask, task_index=None) -> Routing:
+        if task_index is None:
+            raise ValueError(f"{self.kind} routing needs the task index")
+        return _fixed_weights(input_ids, mix.num_blocks, lambda w: w[:, task_index].fill_(1.0))
+
+
+@register_router("progressive")
+class ProgressiveRouter(TaskRouter):
+    """Blocks 1..t of task t (Progressive Prompts; the task id is given)."""
+
+    def route(self, mix, input_ids, source_mask, task_index=None) -> Routing:
+        if task_index is None:
+            raise ValueError(f"{self.kind} routing needs the task index")
+        return _fixed_weights(input_ids, mix.num_blocks, lambda w: w[:, : task_index + 1].fill_(1.0))
 
 
 def masked_max_pool(embeds: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -39,10 +159,33 @@ def masked_max_pool(embeds: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return embeds.masked_fill(~mask.bool().unsqueeze(-1), fill).max(dim=1).values
 
 
-class SharedAttentionRouter(nn.Module):
+@register_router("attention")
+class SharedAttentionRouter(Router):
     """SAPT's shared attention as published (preset ``paper``)."""
 
     preset = "paper"
+    learned = True
+    selects_per_task = True
+
+    @classmethod
+    def build(cls, d_model: int, router_preset: str = "paper", router_hidden: int = 100,
+              router_temperature: float | None = None, **_: Any) -> SharedAttentionRouter:
+        return make_shared_router(router_preset, d_model, router_hidden, router_temperature)
+
+    def route(self, mix, input_ids, source_mask, task_index=None) -> Routing:
+        w = self(mix.backbone.embed(input_ids), source_mask, mix.num_blocks)
+        return Routing(w, w)
+
+    def add_block(self, mix, inputs=None) -> None:
+        features = None
+        if inputs is not None:
+            with torch.no_grad():
+                features = self.feature(mix.backbone.embed(inputs["input_ids"]), inputs["source_mask"])
+        self.add_key(features)
+
+    def grow(self, n_blocks: int) -> None:
+        while self.num_keys < n_blocks:
+            self.add_key()
 
     def __init__(self, d_model: int, hidden: int = 100, temperature: float = 1.0):
         super().__init__()
@@ -153,20 +296,42 @@ def make_shared_router(preset: str, d_model: int, hidden: int = 100,
     raise ValueError(f"router must be one of {ROUTER_PRESETS}, not {preset!r}")
 
 
-class KeyQueryRouter(nn.Module):
+@register_router("key-query")
+class KeyQueryRouter(Router):
     """L2P (Wang et al., CVPR 2022): a learnable key per prompt of a shared pool; the query is a frozen
     model feature of the input; the ``top_k`` keys of highest cosine similarity select their prompts.
 
     The selection itself has no gradient: keys learn through the surrogate loss
-    ``sum over selected keys of (1 - cos(q, k))`` (``last_match_loss``), which pulls them toward the
+    ``sum over selected keys of (1 - cos(q, k))`` (the routing's ``loss``), which pulls them toward the
     queries that select them.
     """
+
+    learned = True
 
     def __init__(self, d_model: int, top_k: int):
         super().__init__()
         self.d_model, self.top_k = d_model, top_k
         self.keys = nn.ParameterList()
-        self.last_match_loss: torch.Tensor | None = None
+
+    @classmethod
+    def build(cls, d_model: int, top_k: int = 5, pool_size: int = 10, **_: Any) -> KeyQueryRouter:
+        router = cls(d_model, top_k)
+        router.pool_size = pool_size  # prompts in the shared pool (L2P's M)
+        return router
+
+    def route(self, mix, input_ids, source_mask, task_index=None) -> Routing:
+        selection, match_loss = self.select(mix.backbone.features(input_ids, source_mask))
+        return Routing(selection, selection, match_loss)
+
+    def add_block(self, mix, inputs=None) -> None:
+        self.add_key()
+
+    def trainable(self, current: int) -> list[nn.Parameter]:
+        return list(self.keys)  # every key of the shared pool
+
+    def grow(self, n_blocks: int) -> None:
+        while self.num_keys < n_blocks:
+            self.add_key()
 
     @property
     def num_keys(self) -> int:
@@ -177,17 +342,18 @@ class KeyQueryRouter(nn.Module):
         self.keys.append(nn.Parameter(torch.empty(self.d_model, device=device).uniform_(-1.0, 1.0)))
         return self.num_keys - 1
 
-    def forward(self, query: torch.Tensor) -> torch.Tensor:
-        """A 0/1 selection ``[B, n]`` with ``min(top_k, n)`` ones per input."""
+    def select(self, query: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """A 0/1 selection ``[B, n]`` with ``min(top_k, n)`` ones per input, and the matching loss."""
         keys = torch.stack(list(self.keys)).float()
         cos = torch.nn.functional.normalize(query.float(), dim=-1) @ torch.nn.functional.normalize(keys, dim=-1).t()
         k = min(self.top_k, keys.shape[0])
         top = cos.topk(k, dim=-1).indices
-        self.last_match_loss = (1.0 - cos.gather(1, top)).sum(1).mean()
-        return torch.zeros_like(cos).scatter_(1, top, 1.0)
+        match_loss = (1.0 - cos.gather(1, top)).sum(1).mean()
+        return torch.zeros_like(cos).scatter_(1, top, 1.0), match_loss
 
 
-class AttemptAttention(nn.Module):
+@register_router("attempt")
+class AttemptAttention(Router):
     """ATTEMPT's attention module G (Asai et al., EMNLP 2022).
 
     ``h = LayerNorm(W_up SiLU(W_down x))`` with ``x`` the max-pooled frozen input embeddings; each
@@ -209,8 +375,34 @@ class AttemptAttention(nn.Module):
         self.train_layer_norm = train_layer_norm
         self.token_level = token_level
 
-    def trainable(self) -> list[nn.Parameter]:
+    needs_task_id = True  # the task id picks the target prompt
+    uses_sources = True
+
+    @classmethod
+    def build(cls, d_model: int, router_hidden: int = 100, train_layer_norm: bool = True, token_level: bool = False,
+              temperature: float | None = None, **_: Any) -> AttemptAttention:
+        return cls(d_model, router_hidden, train_layer_norm, token_level, temperature)
+
+    def trainable(self, current: int | None = None) -> list[nn.Parameter]:
         return [self.down.weight, self.up.weight] + (list(self.norm.parameters()) if self.train_layer_norm else [])
+
+    def route(self, mix, input_ids, source_mask, task_index=None) -> Routing:
+        """``P_target + sum_j a_j P_j``: weight ``a_j`` on each source, ``1 + a`` on the input's own target
+        prompt (``task_index``: one task for the batch or one per input, ATTEMPT-m's mixed batches)."""
+        if task_index is None:
+            raise ValueError("attempt routing needs the task index (it picks the target prompt)")
+        pool = mix.pool
+        b, m = input_ids.shape[0], pool.num_sources
+        tasks = torch.as_tensor(task_index, device=input_ids.device).long().expand(b)
+        prompts = pool.input_prompts()  # [n, L, d]
+        a = self(mix.backbone.embed(input_ids), source_mask, prompts[:m], prompts[m + tasks])
+        rows = torch.arange(b, device=input_ids.device)
+        w = a.new_zeros((b, mix.num_blocks, *a.shape[2:]))
+        w[:, :m] = a[:, :m]
+        w[rows, m + tasks] = 1.0 + a[:, m]  # P_target + sum_j a_j P_j, j over the sources and the target
+        reported = (w if w.dim() == 2 else w.mean(-1)).clone()
+        reported[rows, m + tasks] -= 1.0  # report the attention itself, not 1 + a
+        return Routing(w, reported)
 
     def reset(self, seed: int) -> None:
         """Fresh weights (single-task ATTEMPT learns one G per target task)."""

@@ -12,7 +12,6 @@ tracker's package only when asked for it.
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -53,7 +52,7 @@ def _hparam(v: Any) -> bool | int | float | str:
 
 def start(accelerator, cfg) -> None:
     if accelerator.log_with:
-        config = {k: _hparam(v) for k, v in dataclasses.asdict(cfg).items()}
+        config = {k: _hparam(v) for k, v in cfg.to_dict().items()}
         accelerator.init_trackers(PROJECT, config=config)
 
 

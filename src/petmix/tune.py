@@ -37,16 +37,9 @@ LR_GRIDS: dict[str, list[float]] = {
     "full": [1e-5, 3e-5, 1e-4],  # backbone weights
 }
 
-# Each method's single most sensitive option and its grid (the default is searched too).
-OPTION_GRIDS: dict[str, tuple[str, list[float]]] = {
-    "sapt-lora": ("kl_ratio", [0.1, 0.5, 2.0]),
-    "sapt-prompt": ("kl_ratio", [0.1, 0.5, 2.0]),
-    "o-lora": ("olora_lambda1", [0.1, 0.5, 2.5]),
-    "ewc": ("ewc_lambda", [500.0, 5000.0, 50000.0]),
-}
+# A method's single most sensitive option and its grid are its own (``Method.tuned_option``); a prompt
+# method without one tunes its prompt length, unless source prompts fix it.
 PROMPT_LENGTHS = [5, 10, 20]
-# Methods whose prompt length is fixed by their source prompts: no length to tune.
-SOURCE_METHODS = ("attempt", "attempt-m", "spot")
 
 
 def lr_grid(method: str, cfg: TrainConfig) -> list[float]:
@@ -61,9 +54,10 @@ def lr_grid(method: str, cfg: TrainConfig) -> list[float]:
 
 def option_grid(method: str) -> tuple[str, list[Any]] | None:
     """The option tuned after the learning rate, or None (LoRA-only and similar methods)."""
-    if method in OPTION_GRIDS:
-        return OPTION_GRIDS[method]
-    if get_method(method).block == "prompt" and method not in SOURCE_METHODS:
+    m = get_method(method)
+    if m.tuned_option is not None:
+        return m.tuned_option[0], list(m.tuned_option[1])
+    if m.block == "prompt" and not m.needs_sources:
         return "prompt_length", list(PROMPT_LENGTHS)
     return None
 

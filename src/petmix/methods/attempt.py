@@ -1,90 +1,65 @@
-"""Source-prompt transfer (DESIGN.md sections 2 and 3).
+"""ATTEMPT (Asai et al., EMNLP 2022): an instance prompt ``P_target + sum_j a_j P_j`` over frozen source
+prompts and the task's target prompt. The pool's first blocks are the source prompts
+(``petmix.blocks.prompt``); the attention G is the router kind ``attempt``
+(``petmix.router.AttemptAttention``). Only the target prompt(s) and G train.
 
-ATTEMPT itself is a routing rule (``petmix.mixture``, ``attempt``) over a prompt pool whose first blocks
-are frozen source prompts (``petmix.blocks.prompt``), with the attention module G in
-``petmix.router.AttemptAttention``. This file holds SPoT's transfer step, which chooses what a target
-prompt starts from.
-
-SPoT (Vu et al., ACL 2022): a probe prompt is trained briefly on the target task from the usual
-initialisation; the source prompt whose average token has the highest cosine similarity with the
-probe's is the target prompt's initialisation; then the target prompt trains for the full budget.
+- ``attempt``: single-task; each target task learns its own prompt and its own G from the same start.
+- ``attempt-m``: multi-task; a target prompt per task and one shared G, trained in one joint stage on
+  batches that mix tasks (each input's task picks its target prompt).
 """
 
 from __future__ import annotations
 
-import logging
-from pathlib import Path
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
+from torch import nn
 
-from petmix.blocks.prompt import load_prompt_file
-from petmix.methods.base import StageHook
-from petmix.runs import read_json, write_json
+from petmix.methods.base import Method, register_method, setting
 
 if TYPE_CHECKING:
-    from petmix.train import Trainer
-
-log = logging.getLogger(__name__)
+    from petmix.mixture import Mixture
 
 
-def prompt_similarity(a: torch.Tensor, b: torch.Tensor) -> float:
-    """Cosine similarity of the average tokens of two prompts ``[L, d]`` (SPoT's task similarity)."""
-    return float(torch.nn.functional.cosine_similarity(a.float().mean(0), b.float().mean(0), dim=0))
+@dataclass
+class ATTEMPTOptions:
+    attempt_token_level: bool = setting(False, "attempt: score each prompt token instead of the max-pooled prompt")
+    attempt_train_layer_norm: bool = setting(True, "attempt: train G's LayerNorm (the reference code leaves it "
+                                                   "frozen)")
+    attempt_temperature: float | None = setting(None, "attempt: softmax temperature of G (default d * e, the "
+                                                      "paper's)", gt=0)
 
 
-def most_similar(probe: torch.Tensor, sources: dict[str, torch.Tensor]) -> tuple[str, dict[str, float]]:
-    scores = {name: prompt_similarity(probe, p) for name, p in sources.items()}
-    return max(scores, key=scores.__getitem__), scores
+@dataclass(frozen=True)
+class Attempt(Method):
+    def router_options(self, options: ATTEMPTOptions) -> dict[str, Any]:
+        return {"train_layer_norm": options.attempt_train_layer_norm, "token_level": options.attempt_token_level,
+                "temperature": options.attempt_temperature}
+
+    def begin_task(self, mix: Mixture, task_index: int, n_tasks: int = 1,
+                   inputs: dict[str, torch.Tensor] | None = None) -> list[nn.Parameter]:
+        if self.joint:  # ATTEMPT-m's one stage: a target prompt for every task
+            while mix.num_blocks - mix.num_sources < n_tasks:
+                mix.add_task()
+        else:
+            mix.add_task(inputs)
+            # single-task ATTEMPT: one G per target task, initialised from the run's seed (seed 0 as before)
+            mix.router.reset(seed=1000 + task_index + 100_003 * mix.seed)
+        return self.select_trainable(mix)
+
+    def trained_blocks(self, mix: Mixture) -> range:
+        """The target prompt (every task's, in ATTEMPT-m's joint stage); the sources stay frozen."""
+        return range(mix.num_sources if self.joint else mix.num_blocks - 1, mix.num_blocks)
 
 
-class SourceTransfer(StageHook):
-    name = "spot"
-
-    def __init__(self, run_dir: Path, sources: list[Path], probe_steps: int):
-        if not sources:
-            raise ValueError("spot needs source prompts (--sources LIBRARY_DIR or prompt files)")
-        self.path = Path(run_dir) / "spot.json"
-        self.sources = {p.stem: load_prompt_file(p) for p in sources}
-        self.probe_steps = probe_steps
-        self.choices: dict[str, Any] = read_json(self.path) if self.path.is_file() else {}
-
-    def prepare_stage(self, trainer: Trainer, stage: int) -> None:
-        task = trainer.tasks[stage]
-        if task.name in self.choices:  # a resumed stage: its block (already transferred) was restored
-            return
-        block = trainer.mix.pool.prompts[trainer.mix.num_blocks - 1]
-        for name, p in self.sources.items():
-            if p.shape != block.shape:
-                raise ValueError(f"source prompt {name} has shape {tuple(p.shape)}, the target {tuple(block.shape)}: "
-                                 "set prompt_length to the sources' length")
-        probe = self._probe(trainer, stage, block)
-        name, scores = most_similar(probe, self.sources)
-        with torch.no_grad():
-            block.copy_(self.sources[name].to(block.device))
-        self.choices[task.name] = {"source": name, "similarity": scores, "probe_steps": self.probe_steps}
-        if trainer.main:
-            write_json(self.path, self.choices)
-        log.info("SPoT: %s starts from source prompt %s (cosine %.3f)", task.name, name, scores[name])
-
-    def _probe(self, trainer: Trainer, stage: int, block: torch.nn.Parameter) -> torch.Tensor:
-        """Train the task's freshly initialised prompt for a few steps; return it."""
-        task = trainer.tasks[stage]
-        examples = trainer.splits[task.name][0]
-        prompts, answers = trainer.encode(examples, [task], [0] * len(examples))
-        opt = torch.optim.AdamW([block], lr=trainer.cfg.lr, weight_decay=0.0)
-        bs = trainer.cfg.batch_size
-        g = torch.Generator().manual_seed(trainer.cfg.seed + 7919 * stage)
-        for _ in range(self.probe_steps):
-            idx = torch.randperm(len(examples), generator=g)[:bs].tolist()
-            batch = trainer.batch([prompts[i] for i in idx], [answers[i] for i in idx])
-            with trainer.accelerator.autocast():
-                loss, _ = trainer.mix(batch, trainer.method.routing_index(stage))
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-        return block.detach().clone()
-
-    def after_stage(self, trainer: Trainer, stage: int) -> dict[str, Any]:
-        choice = self.choices.get(trainer.tasks[stage].name, {})
-        return {"spot_source": choice.get("source"), "spot_similarity": choice.get("similarity")}
+register_method(
+    Attempt("attempt", "attempt", True, block="prompt", independent=True, needs_sources=True,
+            options=ATTEMPTOptions,
+            summary="instance prompt P_target + sum_j a_j P_j over frozen source prompts and the target; "
+                    "only the target prompt and the attention G train",
+            paper="Asai et al., EMNLP 2022 (ATTEMPT)"),
+    Attempt("attempt-m", "attempt", True, joint=True, block="prompt", needs_sources=True, options=ATTEMPTOptions,
+            summary="ATTEMPT multi-task: a target prompt per task, one shared G, batches mixing tasks",
+            paper="Asai et al., EMNLP 2022 (ATTEMPT-m)"),
+)

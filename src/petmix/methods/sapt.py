@@ -1,4 +1,6 @@
-"""SAPT's attentive reflection module (ARM).
+"""SAPT (Zhao et al., ACL 2024): a block per task, weighed by the shared attention router (its kind
+``attention`` in ``petmix.router``: shared attentive learning and selection), plus the attentive
+reflection module (ARM) below.
 
 After task j is learned, the router's mean weight vector over held-out inputs of task j is stored
 as its target. While a later task t trains, pseudo-inputs of every earlier task go through the
@@ -18,6 +20,7 @@ from __future__ import annotations
 import logging
 import random
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -28,7 +31,7 @@ from petmix.backbone import Backbone
 from petmix.data.collate import encode_prompts, prompt_batch
 from petmix.data.task import Example, Task
 from petmix.data.templates import format_prompt
-from petmix.methods.base import StageHook
+from petmix.methods.base import Method, StageHook, register_method, setting
 from petmix.mixture import Mixture
 from petmix.replay.features import FeatureStats
 from petmix.runs import crash_point, read_json, write_json
@@ -39,6 +42,23 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 REPLAY_SOURCES = ("features", "generated", "real")
+
+
+@dataclass
+class SAPTOptions:
+    kl_ratio: float = setting(0.5, "SAPT's attentive reflection weight (0 switches ARM off)", ge=0)
+    replay_source: str = setting("features", "ARM pseudo-inputs: features (default: drawn from stored per-task "
+                                 "statistics of the router's feature), generated (SAPT's generator) or real "
+                                 "(oracle: real stored inputs)", choices=REPLAY_SOURCES)
+    replay_batch_size: int = setting(8, "pseudo-inputs per earlier task per reflection step", ge=1)
+    replay_every: int = setting(1, "micro-batches between reflection losses", ge=1)
+
+
+def reflection_hook(trainer: Trainer, options: SAPTOptions) -> AttentiveReflection | None:
+    if options.kl_ratio <= 0:  # kl_ratio 0 switches SAPT's reflection off
+        return None
+    return AttentiveReflection(trainer.out, options.kl_ratio, options.replay_source, options.replay_batch_size,
+                               options.replay_every, trainer.cfg.seed)
 
 
 def padded_target(target: list[float], num_tasks: int) -> torch.Tensor:
@@ -143,7 +163,7 @@ class AttentiveReflection(StageHook):
     def prepare_stage(self, trainer: Trainer, stage: int) -> None:
         self.prepare(trainer.mix, trainer.tasks[:stage], trainer.cfg.max_source_len, trainer.cfg.chat)
 
-    def loss(self, trainer: Trainer, micro_batch: int) -> torch.Tensor | None:
+    def loss(self, trainer: Trainer, micro_batch: int, output: Any) -> torch.Tensor | None:
         return self.reflection_loss(trainer.mix, micro_batch)
 
     def after_stage(self, trainer: Trainer, stage: int) -> dict[str, Any]:
@@ -215,3 +235,15 @@ class AttentiveReflection(StageHook):
             kl = reflection_kl(current, padded_target(self.targets[name], n))
             total = kl if total is None else total + kl
         return None if total is None else self.kl_ratio * total
+
+
+SAPT_TUNED = ("kl_ratio", (0.1, 0.5, 2.0))
+register_method(
+    Method("sapt-lora", "attention", True, hooks=(reflection_hook,), options=SAPTOptions, tuned_option=SAPT_TUNED,
+           summary="SAPT: a LoRA block per task, shared attentive learning and selection (no task id)",
+           paper="Zhao et al., ACL 2024"),
+    Method("sapt-prompt", "attention", True, block="prompt", hooks=(reflection_hook,), options=SAPTOptions,
+           tuned_option=SAPT_TUNED,
+           summary="SAPT with a soft prompt per task: the instance prompt is the router-weighted sum",
+           paper="Zhao et al., ACL 2024"),
+)

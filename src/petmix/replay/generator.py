@@ -183,7 +183,7 @@ def train_generator(backbone: Backbone, mix: Mixture, targets: list[str], cfg: G
         batch = training_batch(tok, [prompt] * len(idx), [answers[i] for i in idx], backbone.is_seq2seq)
         batch = {k: v.to(device) for k, v in batch.items()}
         with _autocast(device, cfg.bf16):
-            loss, _ = mix(batch)
+            loss = mix(batch).loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

@@ -1,0 +1,16 @@
+"""Sequential baselines: blocks trained on the tasks one after another with nothing against forgetting
+(SeqLoRA, SeqFT, a sequential soft prompt) or with a new frozen-after-use block per task summed at
+weight 1 (IncLoRA)."""
+
+from __future__ import annotations
+
+from petmix.methods.base import Method, register_method
+
+register_method(
+    Method("seq-lora", "sum", False, summary="one LoRA trained on the tasks in sequence (SeqLoRA)"),
+    Method("inc-lora", "sum", True,
+           summary="a new LoRA per task, earlier ones frozen, all summed with weight 1, no router (IncLoRA)"),
+    Method("seq-ft", "sum", False, block="full",
+           summary="full fine-tuning of the backbone in sequence (SeqFT); --unfreeze last:N trains only the top N layers"),
+    Method("seq-prompt", "sum", False, block="prompt", summary="one soft prompt trained on the tasks in sequence"),
+)
