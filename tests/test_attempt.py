@@ -73,7 +73,7 @@ def test_instance_prompt_is_target_plus_attention_weighted_sum(tiny_llama_path, 
     lib, paths = source_files
     backbone = load_backbone(str(tiny_llama_path))
     cfg = PromptConfig(length=10, sources=[str(p) for p in paths])
-    mix = Mixture(backbone, cfg, routing="attempt")
+    mix = Mixture(backbone, cfg, routing="source-attention")
     mix.add_task()  # target of task 0
     mix.add_task()  # target of task 1
     assert mix.num_sources == 2 and mix.pool.source_names == ["mnli", "sst2"]

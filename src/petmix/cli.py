@@ -229,9 +229,10 @@ def _train_config(args: argparse.Namespace, apply_tuned: bool = False):
     flag_values = {k: v for k, v in vars(args).items() if k not in skip}
     flags = set(flag_values)
     if apply_tuned and getattr(args, "tuned", None):  # tuned settings override the file, flags override both
+        from petmix.methods import DEFAULT_METHOD
         from petmix.tune import read_tuned
 
-        method = flag_values.get("method") or values.get("method") or "sapt-lora"
+        method = flag_values.get("method") or values.get("method") or DEFAULT_METHOD
         chosen = read_tuned(args.tuned).get(method, {})
         log.info("settings of %s from %s: %s", method, args.tuned, chosen or "none tuned for this method")
         values.update(chosen)
@@ -384,11 +385,11 @@ def cmd_sources_train(args: argparse.Namespace) -> int:
     import shutil
 
     from petmix.runs import check_run_folder, read_json, setup_logging
-    from petmix.sources import library_table, write_library
+    from petmix.sources import SOURCE_METHOD, library_table, write_library
     from petmix.train import Trainer
 
     # source prompts are shallow prompt-tuning prompts (DESIGN.md section 2)
-    cfg, out, tasks, _ = _prepare_run(args, "attempt-sources", method="prompt-tuning")
+    cfg, out, tasks, _ = _prepare_run(args, "attempt-sources", method=SOURCE_METHOD)
     check_run_folder(out / "run")
     trainer = Trainer(cfg, tasks, out / "run")
     setup_logging(out, args.verbose)

@@ -22,7 +22,7 @@ from typing import Any
 from petmix.backbone import DEFAULT_MODEL
 from petmix.errors import PetmixError
 from petmix.evaluate import GenerationConfig
-from petmix.methods import get_method, option_fields, setting
+from petmix.methods import DEFAULT_METHOD, get_method, option_fields, setting
 from petmix.router import ROUTER_PRESETS
 from petmix.runs import read_json, verify_safetensors
 from petmix.validation import check_fields, namer
@@ -30,7 +30,7 @@ from petmix.validation import check_fields, namer
 
 @dataclass(init=False, eq=False)
 class TrainConfig:
-    method: str = setting("sapt-lora", "see `petmix methods`")
+    method: str = setting(DEFAULT_METHOD, "see `petmix methods`")
     model: str = setting(DEFAULT_MODEL, "local model folder or packaged alias (default smollm2-135m)")
     data: str | None = setting(None, "folder of tasks (e.g. ../shared/data/CL_Benchmark); not needed for bigbench: tasks")
     tasks: list[str] = setting(help="comma-separated task names or folders, in stream order", factory=list)

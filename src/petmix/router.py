@@ -11,7 +11,7 @@ Kinds (``make_router``; a method names its kind, see ``petmix.methods``):
 - ``progressive``: blocks 1..t of task t (Progressive Prompts: the task id is given);
 - ``attention``: SAPT's shared attention (no task id, learned; preset ``prototype`` or ``paper``);
 - ``key-query``: L2P's top-k selection from a shared pool by key-query matching (no task id);
-- ``attempt``: ATTEMPT's attention G over frozen source prompts and the task's target prompt.
+- ``source-attention``: ATTEMPT's attention G over frozen source prompts and the task's target prompt.
 
 SAPT's shared attention has two presets, one family with one interface (``feature`` ->
 ``weights_from_features``; ``forward`` chains them), used by training, evaluation, reflection and
@@ -352,7 +352,7 @@ class KeyQueryRouter(Router):
         return torch.zeros_like(cos).scatter_(1, top, 1.0), match_loss
 
 
-@register_router("attempt")
+@register_router("source-attention")
 class AttemptAttention(Router):
     """ATTEMPT's attention module G (Asai et al., EMNLP 2022).
 
@@ -390,7 +390,7 @@ class AttemptAttention(Router):
         """``P_target + sum_j a_j P_j``: weight ``a_j`` on each source, ``1 + a`` on the input's own target
         prompt (``task_index``: one task for the batch or one per input, ATTEMPT-m's mixed batches)."""
         if task_index is None:
-            raise ValueError("attempt routing needs the task index (it picks the target prompt)")
+            raise ValueError(f"{self.kind} routing needs the task index (it picks the target prompt)")
         pool = mix.pool
         b, m = input_ids.shape[0], pool.num_sources
         tasks = torch.as_tensor(task_index, device=input_ids.device).long().expand(b)

@@ -15,6 +15,9 @@ import torch
 from petmix.errors import PetmixError
 from petmix.runs import read_json, save_tensors, write_json
 
+# Source prompts are shallow prompt-tuning prompts, one per source task (DESIGN.md section 2).
+SOURCE_METHOD = "prompt-tuning"
+
 
 def export_prompt(path: str | Path, prompt: torch.Tensor, meta: dict[str, Any]) -> Path:
     path = Path(path)

@@ -1,11 +1,10 @@
 """Methods: one module each (its options, hooks and registration); ``petmix.methods.base`` holds the
-registry. Importing this package registers the built-in ones, in the order ``petmix methods`` lists them."""
+registry. Importing this package imports every module in it, so a method added as a new file here is
+known to every command without touching anything else (SAPT first: ``petmix methods`` lists it first)."""
 
-# isort: off
-from petmix.methods import sapt  # noqa: F401  (each module registers its methods)
-from petmix.methods import sequential, reference, o_lora, ewc, replay, lwf, l2p, lfpt5, prog_prompt  # noqa: F401
-from petmix.methods import single_task, spot, attempt  # noqa: F401
-# isort: on
+import importlib
+import pkgutil
+
 from petmix.methods.base import (
     METHODS,
     Method,
@@ -16,4 +15,10 @@ from petmix.methods.base import (
     setting,
 )
 
-__all__ = ["METHODS", "Method", "StageHook", "get_method", "option_fields", "register_method", "setting"]
+for _module in ["sapt"] + sorted(m.name for m in pkgutil.iter_modules(__path__) if m.name not in ("base", "sapt")):
+    importlib.import_module(f"{__name__}.{_module}")
+
+DEFAULT_METHOD = "sapt-lora"  # what `petmix train` runs when no method is named
+
+__all__ = ["DEFAULT_METHOD", "METHODS", "Method", "StageHook", "get_method", "option_fields", "register_method",
+           "setting"]

@@ -1,6 +1,6 @@
 """ATTEMPT (Asai et al., EMNLP 2022): an instance prompt ``P_target + sum_j a_j P_j`` over frozen source
 prompts and the task's target prompt. The pool's first blocks are the source prompts
-(``petmix.blocks.prompt``); the attention G is the router kind ``attempt``
+(``petmix.blocks.prompt``); the attention G is the router kind ``source-attention``
 (``petmix.router.AttemptAttention``). Only the target prompt(s) and G train.
 
 - ``attempt``: single-task; each target task learns its own prompt and its own G from the same start.
@@ -54,12 +54,12 @@ class Attempt(Method):
 
 
 register_method(
-    Attempt("attempt", "attempt", True, block="prompt", independent=True, needs_sources=True,
+    Attempt("attempt", "source-attention", True, block="prompt", independent=True, needs_sources=True,
             options=ATTEMPTOptions,
             summary="instance prompt P_target + sum_j a_j P_j over frozen source prompts and the target; "
                     "only the target prompt and the attention G train",
             paper="Asai et al., EMNLP 2022 (ATTEMPT)"),
-    Attempt("attempt-m", "attempt", True, joint=True, block="prompt", needs_sources=True, options=ATTEMPTOptions,
+    Attempt("attempt-m", "source-attention", True, joint=True, block="prompt", needs_sources=True, options=ATTEMPTOptions,
             summary="ATTEMPT multi-task: a target prompt per task, one shared G, batches mixing tasks",
             paper="Asai et al., EMNLP 2022 (ATTEMPT-m)"),
 )

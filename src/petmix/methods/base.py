@@ -193,6 +193,15 @@ def register_method(*methods: Method) -> None:
         METHODS[method.name] = method
 
 
+def unregister_method(name: str) -> None:
+    """Forget a method and the options only it declared (plugins and tests that add one for a while)."""
+    method = METHODS.pop(name)
+    if method.options is not None and all(m.options is not method.options for m in METHODS.values()):
+        for f in dataclasses.fields(method.options):
+            if _OPTION_FIELDS.get(f.name, (None,))[0] is method.options:
+                del _OPTION_FIELDS[f.name]
+
+
 def option_fields() -> dict[str, tuple[type, dataclasses.Field]]:
     """Every registered method option: name -> (the options class that declares it, its field)."""
     return dict(_OPTION_FIELDS)
