@@ -210,6 +210,7 @@ BAD_CL = {
     "instance 1 has no 'output' field": cl_file([{"input": "a", "output": "b"}, {"input": "c"}]),
     "instance 0 has no 'input' field": cl_file([{"output": "b"}]),
     "instance 0: 'input' must be a string": cl_file([{"input": 3, "output": "b"}]),
+    "instance 1: 'input' is empty": cl_file([{"input": "a", "output": "b"}, {"input": " \n", "output": "b"}]),
     "instance 0: 'output' must be a string or a list of strings": cl_file([{"input": "a", "output": [1]}]),
     "instance 0: 'output' is an empty list": cl_file([{"input": "a", "output": []}]),
     "instance 0 must be an object": cl_file(["a"]),
@@ -242,6 +243,7 @@ BAD_JSONL = {
     "line 2 has no 'input' field": '{"input": "a", "output": "b"}\n{"output": "b"}\n',
     "line 1: 'output' must be a string or a list of strings": '{"input": "a", "output": 5}\n',
     "empty task: no examples": "\n",
+    "line 2: 'input' is empty": '{"input": "a", "output": "b"}\n{"input": "", "output": "b"}\n',
 }
 
 

@@ -96,6 +96,8 @@ def make_example(item: Any, path: Path, where: str, output_key: str = "output") 
     text, out = item["input"], item[output_key]
     if not isinstance(text, str):
         raise DataError(path, f"{where}: 'input' must be a string, got {type(text).__name__}")
+    if not text.strip():
+        raise DataError(path, f"{where}: 'input' is empty (every example needs an input to answer)")
     outputs = [out] if isinstance(out, str) else out
     if not isinstance(outputs, list) or not all(isinstance(o, str) for o in outputs):
         raise DataError(path, f"{where}: {output_key!r} must be a string or a list of strings")
