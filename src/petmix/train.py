@@ -1,9 +1,11 @@
 """The training loop over a task stream: one stage per task, evaluation after each stage.
 
 A plain loop (as in torchtune's recipes) on ``accelerate`` for device placement, mixed precision
-and the backward pass. The run directory holds everything needed to resume: a killed run started
-again with the same ``--out`` continues from the last checkpointed optimiser step and ends with the
-same results as an uninterrupted run.
+and the backward pass. The method (``petmix.methods``) says what each stage adds and trains and
+which hooks join the loop; the mixture (``petmix.mixture``) routes and computes the loss; the run
+directory (``petmix.checkpoint``) holds everything needed to resume: a killed run started again with
+the same ``--out`` continues from the last checkpointed optimiser step and ends with the same results
+as an uninterrupted run.
 """
 
 from __future__ import annotations
@@ -22,8 +24,6 @@ from petmix.backbone import Backbone, cpu_has_fast_bf16, load_backbone
 from petmix.build import build_mixture, check_model_settings
 from petmix.checkpoint import load_checkpoint, load_optimizer, save_checkpoint
 from petmix.config import TrainConfig, single_task_diagonal
-
-__all__ = ["TrainConfig", "Trainer"]  # TrainConfig lives in petmix.config; importable from here as before
 from petmix.data.collate import encode_answers, encode_prompts, prompt_batch, training_batch
 from petmix.data.task import Example, Task
 from petmix.data.templates import format_prompt
@@ -41,6 +41,8 @@ from petmix.runs import (
     write_jsonl,
 )
 from petmix.sources import export_prompt, resolve_sources
+
+__all__ = ["TrainConfig", "Trainer"]  # TrainConfig lives in petmix.config; importable from here as before
 
 log = logging.getLogger(__name__)
 
