@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 from torch import nn
@@ -21,8 +21,32 @@ from torch import nn
 from petmix.errors import PetmixError
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
+    from petmix.backbone import Backbone
+    from petmix.data.task import Example, Task
     from petmix.mixture import Mixture
-    from petmix.train import Trainer
+
+
+class Stage(Protocol):
+    """What a hook may use of the run it joins (``petmix.train.Trainer`` provides it): the model, the
+    settings, the tasks and their training splits, and the encoding the loop uses. Nothing else."""
+
+    cfg: Any                       # the run's TrainConfig
+    out: Path                      # the run folder: a hook keeps what must survive a kill here
+    mix: Mixture                   # backbone, pool and router
+    backbone: Backbone
+    method: Method
+    tasks: list[Task]
+    splits: dict[str, tuple[list[Example], list[Example]]]  # task -> (train, held out)
+    sources: list[Path]            # source prompts of the run (methods that start from them)
+    step_indices: list[int]        # which training examples the current micro-batch holds
+    accelerator: Any               # accelerate's Accelerator: autocast, process sync
+    main: bool                     # the main process (the one that writes)
+
+    def encode(self, examples: list[Example], stage_tasks: list[Task], owners: list[int]) -> tuple[list, list]: ...
+
+    def batch(self, prompt_ids: list[list[int]], answer_ids: list[list[int]]) -> dict[str, torch.Tensor]: ...
 
 
 class StageHook:
@@ -35,10 +59,10 @@ class StageHook:
     name = "hook"
     keep_logits = False
 
-    def prepare_stage(self, trainer: Trainer, stage: int) -> None:
+    def prepare_stage(self, trainer: Stage, stage: int) -> None:
         """Before the first step of a stage (also when a stage is resumed)."""
 
-    def loss(self, trainer: Trainer, micro_batch: int, output: Any) -> torch.Tensor | None:
+    def loss(self, trainer: Stage, micro_batch: int, output: Any) -> torch.Tensor | None:
         """An extra loss for this micro-batch, or None. ``output``: the mixture's forward
         (``petmix.mixture.MixOutput``: loss, weights, router loss, logits when asked for)."""
         return None
@@ -47,13 +71,13 @@ class StageHook:
         """Encoded (prompt, answer) pairs to add to this micro-batch."""
         return []
 
-    def after_stage(self, trainer: Trainer, stage: int) -> dict[str, Any]:
+    def after_stage(self, trainer: Stage, stage: int) -> dict[str, Any]:
         """After a stage's last step, before evaluation; returns what to record for the stage."""
         return {}
 
 
 # A hook factory builds one hook for a run from the trainer and the method's options (None: switched off).
-HookFactory = Callable[["Trainer", Any], "StageHook | None"]
+HookFactory = Callable[[Stage, Any], "StageHook | None"]
 
 
 @dataclass(frozen=True)
@@ -149,7 +173,7 @@ class Method:
         assert_only_trainable(mix, trainable)
         return trainable
 
-    def build_hooks(self, trainer: Trainer) -> list[StageHook]:
+    def build_hooks(self, trainer: Stage) -> list[StageHook]:
         """The method's hooks for a run, from its options (a factory may switch its hook off)."""
         options = self.options_from(trainer.cfg)
         return [hook for make in self.hooks if (hook := make(trainer, options)) is not None]

@@ -16,7 +16,7 @@ from petmix.runs import load_tensors as load_file
 from petmix.runs import save_tensors
 
 if TYPE_CHECKING:
-    from petmix.train import Trainer
+    from petmix.methods.base import Stage
 
 
 @dataclass
@@ -59,7 +59,7 @@ class ElasticWeightConsolidation(StageHook):
                 total = total + (f.to(p.device) * (p - a.to(p.device)) ** 2).sum()
         return 0.5 * self.lam * total
 
-    def loss(self, trainer: Trainer, micro_batch: int, output: Any) -> torch.Tensor | None:
+    def loss(self, trainer: Stage, micro_batch: int, output: Any) -> torch.Tensor | None:
         if not self.anchors:
             return None
         return self.penalty(trainer.mix.pool.block_parameters(0))
@@ -67,7 +67,7 @@ class ElasticWeightConsolidation(StageHook):
     def add_task(self, stage: int, params: list[torch.Tensor], fisher: list[torch.Tensor]) -> None:
         self.anchors[stage] = ([p.detach().clone() for p in params], fisher)
 
-    def after_stage(self, trainer: Trainer, stage: int) -> dict[str, Any]:
+    def after_stage(self, trainer: Stage, stage: int) -> dict[str, Any]:
         params = trainer.mix.pool.block_parameters(0)
         fisher = diagonal_fisher(trainer, stage, params, self.fisher_batches)
         self.add_task(stage, params, fisher)
@@ -80,7 +80,7 @@ class ElasticWeightConsolidation(StageHook):
         return {"fisher_mean": float(sum(f.sum() for f in fisher) / sum(f.numel() for f in fisher))}
 
 
-def diagonal_fisher(trainer: Trainer, stage: int, params: list[torch.Tensor], batches: int) -> list[torch.Tensor]:
+def diagonal_fisher(trainer: Stage, stage: int, params: list[torch.Tensor], batches: int) -> list[torch.Tensor]:
     """Empirical diagonal Fisher: mean over batches of the squared gradient of the task loss."""
     fisher = [torch.zeros_like(p) for p in params]
     examples = trainer.splits[trainer.tasks[stage].name][0]

@@ -15,8 +15,8 @@ from torch import nn
 from petmix.methods.base import Method, StageHook, register_method, setting
 
 if TYPE_CHECKING:
+    from petmix.methods.base import Stage
     from petmix.mixture import Mixture
-    from petmix.train import Trainer
 
 
 @dataclass
@@ -39,11 +39,11 @@ class KeyMatching(StageHook):
     def __init__(self, lam: float):
         self.lam = lam
 
-    def loss(self, trainer: Trainer, micro_batch: int, output: Any) -> torch.Tensor | None:
+    def loss(self, trainer: Stage, micro_batch: int, output: Any) -> torch.Tensor | None:
         match = output.router_loss
         return None if match is None or self.lam <= 0 else self.lam * match
 
-    def after_stage(self, trainer: Trainer, stage: int) -> dict[str, Any]:
+    def after_stage(self, trainer: Stage, stage: int) -> dict[str, Any]:
         return {"key_query": "top-k prompts by key-query matching (no task id)"}
 
 

@@ -17,7 +17,7 @@ from petmix.methods.replay import BUFFER_PER_BATCH_HELP, ExperienceReplay
 from petmix.runs import read_json, write_json
 
 if TYPE_CHECKING:
-    from petmix.train import Trainer
+    from petmix.methods.base import Stage
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +41,7 @@ class PseudoSampleReplay(ExperienceReplay):
         saved = read_json(self.path) if self.path.is_file() else {}
         self.kept = {int(k): [tuple(x) for x in v["ids"]] for k, v in saved.items()}
 
-    def after_stage(self, trainer: Trainer, stage: int) -> dict[str, Any]:
+    def after_stage(self, trainer: Stage, stage: int) -> dict[str, Any]:
         if stage == len(trainer.tasks) - 1:
             return {"replay": "generated pseudo-samples (LFPT5)"}
         info = self._make(trainer, stage) if trainer.main else {}
@@ -50,7 +50,7 @@ class PseudoSampleReplay(ExperienceReplay):
             self._read()
         return info
 
-    def _make(self, trainer: Trainer, stage: int) -> dict[str, Any]:
+    def _make(self, trainer: Stage, stage: int) -> dict[str, Any]:
         import time
 
         from petmix.data.templates import format_prompt

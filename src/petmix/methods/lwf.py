@@ -17,7 +17,7 @@ from petmix.runs import load_tensors as load_file
 from petmix.runs import save_tensors
 
 if TYPE_CHECKING:
-    from petmix.train import Trainer
+    from petmix.methods.base import Stage
 
 
 @dataclass
@@ -53,7 +53,7 @@ class LearningWithoutForgetting(StageHook):
     def _path(self, stage: int) -> Path:
         return self.dir / "lwf" / f"teacher-stage-{stage + 1}.safetensors"
 
-    def prepare_stage(self, trainer: Trainer, stage: int) -> None:
+    def prepare_stage(self, trainer: Stage, stage: int) -> None:
         self.ids, self.probs = [], []
         self.keep_logits = stage > 0  # the loss reads the logits from the second task on
         if stage == 0:
@@ -71,7 +71,7 @@ class LearningWithoutForgetting(StageHook):
         self.probs = [saved["probs"][a:b] for a, b in zip(off[:-1], off[1:])]
 
     @torch.no_grad()
-    def teacher_outputs(self, trainer: Trainer, stage: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    def teacher_outputs(self, trainer: Stage, stage: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """The current model's top-k answer-token distributions on the stage's training examples."""
         task = trainer.tasks[stage]
         examples = trainer.splits[task.name][0]
@@ -93,7 +93,7 @@ class LearningWithoutForgetting(StageHook):
         mix.train(was_training)
         return ids, probs
 
-    def loss(self, trainer: Trainer, micro_batch: int, output: Any) -> torch.Tensor | None:
+    def loss(self, trainer: Stage, micro_batch: int, output: Any) -> torch.Tensor | None:
         if not self.ids:
             return None
         logits, mask = answer_positions(output.logits, output.labels, trainer.backbone.is_seq2seq)
@@ -108,7 +108,7 @@ class LearningWithoutForgetting(StageHook):
             return None
         return self.alpha * self.temperature ** 2 * total / len(trainer.step_indices)
 
-    def after_stage(self, trainer: Trainer, stage: int) -> dict[str, Any]:
+    def after_stage(self, trainer: Stage, stage: int) -> dict[str, Any]:
         self.keep_logits = False
         return {}
 

@@ -13,7 +13,7 @@ import torch
 from petmix.methods.base import Method, StageHook, register_method, setting
 
 if TYPE_CHECKING:
-    from petmix.train import Trainer
+    from petmix.methods.base import Stage
 
 
 @dataclass
@@ -37,7 +37,7 @@ class OrthogonalLoRA(StageHook):
     def __init__(self, lambda1: float, lambda2: float):
         self.lambda1, self.lambda2 = lambda1, lambda2
 
-    def loss(self, trainer: Trainer, micro_batch: int, output: Any) -> torch.Tensor | None:
+    def loss(self, trainer: Stage, micro_batch: int, output: Any) -> torch.Tensor | None:
         pool = trainer.mix.pool
         t = pool.num_blocks - 1
         layers = list(pool.layers.values())

@@ -15,7 +15,7 @@ from petmix.methods.base import Method, StageHook, register_method, setting
 from petmix.runs import read_json, write_json
 
 if TYPE_CHECKING:
-    from petmix.train import Trainer
+    from petmix.methods.base import Stage
 
 
 BUFFER_PER_BATCH_HELP = "replay, lfpt5: buffer (pseudo-)examples added to every micro-batch"
@@ -31,7 +31,7 @@ class ReplayOptions:
     buffer_per_batch: int = setting(2, BUFFER_PER_BATCH_HELP, ge=0)
 
 
-def replay_hook(trainer: Trainer, o: ReplayOptions) -> ExperienceReplay:
+def replay_hook(trainer: Stage, o: ReplayOptions) -> ExperienceReplay:
     return ExperienceReplay(trainer.out, o.buffer_per_task, o.buffer_per_batch, trainer.cfg.seed, o.buffer_total,
                             o.buffer_sampling)
 
@@ -77,7 +77,7 @@ class ExperienceReplay(StageHook):
                     chosen.append(group.pop())
         return chosen
 
-    def after_stage(self, trainer: Trainer, stage: int) -> dict[str, Any]:
+    def after_stage(self, trainer: Stage, stage: int) -> dict[str, Any]:
         task = trainer.tasks[stage]
         quota = self.per_task if self.total is None else self.total // (len(self.kept) + 1)
         chosen = self.choose(trainer.splits[task.name][0], quota, stage)

@@ -37,7 +37,7 @@ from petmix.replay.features import FeatureStats
 from petmix.runs import crash_point, read_json, write_json
 
 if TYPE_CHECKING:
-    from petmix.train import Trainer
+    from petmix.methods.base import Stage
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +54,7 @@ class SAPTOptions:
     replay_every: int = setting(1, "micro-batches between reflection losses", ge=1)
 
 
-def reflection_hook(trainer: Trainer, options: SAPTOptions) -> AttentiveReflection | None:
+def reflection_hook(trainer: Stage, options: SAPTOptions) -> AttentiveReflection | None:
     if options.kl_ratio <= 0:  # kl_ratio 0 switches SAPT's reflection off
         return None
     return AttentiveReflection(trainer.out, options.kl_ratio, options.replay_source, options.replay_batch_size,
@@ -160,13 +160,13 @@ class AttentiveReflection(StageHook):
         return mix.weights_for(*cls._batch(mix, ids))
 
     # ---- the hook ---------------------------------------------------------------------------------
-    def prepare_stage(self, trainer: Trainer, stage: int) -> None:
+    def prepare_stage(self, trainer: Stage, stage: int) -> None:
         self.prepare(trainer.mix, trainer.tasks[:stage], trainer.cfg.max_source_len, trainer.cfg.chat)
 
-    def loss(self, trainer: Trainer, micro_batch: int, output: Any) -> torch.Tensor | None:
+    def loss(self, trainer: Stage, micro_batch: int, output: Any) -> torch.Tensor | None:
         return self.reflection_loss(trainer.mix, micro_batch)
 
-    def after_stage(self, trainer: Trainer, stage: int) -> dict[str, Any]:
+    def after_stage(self, trainer: Stage, stage: int) -> dict[str, Any]:
         """Store the task's attention target; make its pseudo-inputs (none after the last task).
         The main process does it and writes it down; the others read it."""
         info = self._reflect(trainer, stage) if trainer.main else {}
@@ -175,7 +175,7 @@ class AttentiveReflection(StageHook):
             self.reload()
         return info
 
-    def _reflect(self, trainer: Trainer, stage: int) -> dict[str, Any]:
+    def _reflect(self, trainer: Stage, stage: int) -> dict[str, Any]:
         from petmix.replay.generator import generate_pseudo_inputs, keep_count
 
         cfg, task = trainer.cfg, trainer.tasks[stage]

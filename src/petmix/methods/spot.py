@@ -20,7 +20,7 @@ from petmix.methods.base import Method, StageHook, register_method, setting
 from petmix.runs import read_json, write_json
 
 if TYPE_CHECKING:
-    from petmix.train import Trainer
+    from petmix.methods.base import Stage
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +51,7 @@ class SourceTransfer(StageHook):
         self.probe_steps = probe_steps
         self.choices: dict[str, Any] = read_json(self.path) if self.path.is_file() else {}
 
-    def prepare_stage(self, trainer: Trainer, stage: int) -> None:
+    def prepare_stage(self, trainer: Stage, stage: int) -> None:
         task = trainer.tasks[stage]
         if task.name in self.choices:  # a resumed stage: its block (already transferred) was restored
             return
@@ -69,7 +69,7 @@ class SourceTransfer(StageHook):
             write_json(self.path, self.choices)
         log.info("SPoT: %s starts from source prompt %s (cosine %.3f)", task.name, name, scores[name])
 
-    def _probe(self, trainer: Trainer, stage: int, block: torch.nn.Parameter) -> torch.Tensor:
+    def _probe(self, trainer: Stage, stage: int, block: torch.nn.Parameter) -> torch.Tensor:
         """Train the task's freshly initialised prompt for a few steps; return it."""
         task = trainer.tasks[stage]
         examples = trainer.splits[task.name][0]
@@ -87,7 +87,7 @@ class SourceTransfer(StageHook):
             opt.zero_grad(set_to_none=True)
         return block.detach().clone()
 
-    def after_stage(self, trainer: Trainer, stage: int) -> dict[str, Any]:
+    def after_stage(self, trainer: Stage, stage: int) -> dict[str, Any]:
         choice = self.choices.get(trainer.tasks[stage].name, {})
         return {"spot_source": choice.get("source"), "spot_similarity": choice.get("similarity")}
 
