@@ -137,6 +137,9 @@ def test_a_toy_method_added_in_one_place_trains(toy, tiny_llama_path, tmp_path, 
     # its option is a setting with a flag, a type, a default and bounds, like any other
     assert "--toy-decay" in build_parser()._subparsers._group_actions[0].choices["train"].format_help()
     assert TrainConfig.from_dict({"method": "toy-decay"}).toy_decay == 0.1
+    assert main(["methods", "toy-decay"]) == 0
+    described = capsys.readouterr().out
+    assert "router: sum (no task id at test)" in described and "--toy-decay" in described and "(default 0.1)" in described
     rc = main(["train", "--method", "toy-decay", "--toy-decay", "-1", "--model", str(tiny_llama_path),
                "--tasks", str(FIXTURE), "--out", str(tmp_path / "bad")])
     assert rc == 2 and "--toy-decay: must be >= 0" in capsys.readouterr().err

@@ -416,14 +416,36 @@ def cmd_sources_list(args: argparse.Namespace) -> int:
 
 
 def cmd_methods(args: argparse.Namespace) -> int:
-    from petmix.methods import METHODS
+    from petmix.methods import METHODS, get_method
 
+    if args.name:
+        _describe_method(get_method(args.name))
+        return 0
     width = max(len(n) for n in METHODS)
     for name, m in METHODS.items():
         extra = " [task id at test]" if m.task_id_at_test and not m.independent else ""
         extra += " [single-task]" if m.independent else ""
         print(f"{name:<{width}}  {m.summary}{extra}" + (f"  ({m.paper})" if m.paper else ""))
     return 0
+
+
+def _describe_method(m: Any) -> None:
+    """One method as its registration says it: blocks, router, task id, hooks' options."""
+    import dataclasses
+
+    print(f"{m.name}: {m.summary}" + (f"  ({m.paper})" if m.paper else ""))
+    blocks = "a new block per task" if m.new_block_per_task else "one block trained on in sequence"
+    print(f"  blocks: {m.block}, {blocks}" + (", one joint stage on all tasks" if m.joint else "")
+          + (", each task from the same start (single-task)" if m.independent else ""))
+    print(f"  router: {m.routing}" + (" (task id given at test)" if m.task_id_at_test else " (no task id at test)"))
+    if m.needs_sources:
+        print("  needs source prompts: --sources (see `petmix sources train`)")
+    if m.options is None:
+        print("  options: none of its own (the shared settings: `petmix train --help`)")
+        return
+    print("  options:")
+    for f in dataclasses.fields(m.options):
+        print(f"    --{f.name.replace('_', '-'):<28} {_flag_help(f).replace('%%', '%')}")
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -581,7 +603,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("library")
     q.set_defaults(func=cmd_sources_list)
 
-    p = sub.add_parser("methods", help="list the methods with what they do and their papers")
+    p = sub.add_parser("methods", help="list the methods with what they do and their papers; "
+                                       "`petmix methods NAME` shows one with its options")
+    p.add_argument("name", nargs="?", help="a method to describe: what it adds, trains and routes, and its options")
     p.set_defaults(func=cmd_methods)
 
     p = sub.add_parser("report", help="print a run's matrix and metrics; write matrix.png and router.png")
