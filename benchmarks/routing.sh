@@ -6,6 +6,8 @@
 #   STREAMS="superni5 long4" SEEDS=0,1,2 bash benchmarks/routing.sh
 # Output: runs/bench/routing-<stream>/{table.md,per_task.md,table.csv,<entry>/seed-<s>/...}; then
 #   .venv/bin/python benchmarks/routing_check.py runs/bench/routing-<stream>/sapt-lora/seed-0   (definitions left out)
+# Run it from a checkout nobody edits while it runs (e.g. `git worktree add ../bench HEAD`): petmix
+# imports some modules lazily, and a run that picks up half-edited code fails mid-stage.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 [ -d ../shared/data/CL_Benchmark ] || { echo "needs ../shared/data/CL_Benchmark (the benchmark data)"; exit 2; }
