@@ -25,7 +25,7 @@ def check(run: str) -> dict[str, dict[str, float | None]]:
     cfg = model.config
     specs = resolve_stream(cfg["stream"]) if cfg.get("stream") else cfg["tasks"]  # bigbench: specs, not names
     tasks = load_tasks(specs, cfg.get("data"), max_train=cfg.get("max_train"), max_test=cfg.get("max_test"),
-                       seed=cfg.get("seed", 0))
+                       seed=cfg.get("seed", 0), test_seed=cfg.get("test_seed"))  # the run's own test examples
     out: dict[str, dict[str, float | None]] = {}
     for variant in ("with definition", "without definition"):
         accs, owns = [], []
