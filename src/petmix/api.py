@@ -15,8 +15,7 @@ from petmix.build import build_mixture
 from petmix.config import TrainConfig
 from petmix.errors import PetmixError
 from petmix.evaluate import GenerationConfig, generate
-from petmix.methods import Method, get_method
-from petmix.mixture import Mixture
+from petmix.methods import get_method
 from petmix.runs import check_run_folder, load_tensors, read_json
 from petmix.sources import resolve_sources
 
@@ -25,11 +24,6 @@ from petmix.sources import resolve_sources
 class Answer:
     text: str
     router_weights: dict[str, float] | None  # block (named by the task it was trained on) -> weight
-
-
-def block_names(method: Method, mix: Mixture, tasks: list[str]) -> list[str]:
-    """Each block named by what it learned (the method says: its task, ``source:<task>``, ``shared``, ...)."""
-    return method.block_names(mix, tasks)
 
 
 class TrainedModel:
@@ -60,7 +54,7 @@ class TrainedModel:
         self.mix.load_adapter_state(load_tensors(adapters))
         self.mix.eval()
         tasks = list(self.config["tasks"])
-        self.block_names = block_names(self.method, self.mix, tasks)
+        self.block_names = self.method.block_names(self.mix, tasks)
         self.tasks = tasks
         self._loaded_stage: int | None = None
 

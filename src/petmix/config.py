@@ -12,7 +12,6 @@ from them.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -25,7 +24,7 @@ from petmix.evaluate import GenerationConfig
 from petmix.methods import DEFAULT_METHOD, get_method, option_fields, setting
 from petmix.router import ROUTER_PRESETS
 from petmix.runs import read_json, verify_safetensors
-from petmix.validation import check_fields, namer
+from petmix.validation import check_fields, check_keys, namer
 
 
 @dataclass(init=False, eq=False)
@@ -138,16 +137,7 @@ class TrainConfig:
         values = {(k.replace("-", "_") if isinstance(k, str) else k): v for k, v in values.items()}
         options = option_fields()
         generic = {f.name for f in dataclasses.fields(cls)}
-        for k in values:
-            if not isinstance(k, str):
-                raise PetmixError(f"{name(str(k))}: a setting's name must be text, got {k!r}")
-        unknown = sorted(k for k in values if k not in generic and k not in options)
-        if unknown:
-            known = sorted(generic | set(options))
-            close = difflib.get_close_matches(unknown[0], known, n=1)
-            hint = f"did you mean {close[0]}? " if close else ""
-            raise PetmixError(f"{name(unknown[0])}: not a setting (unknown keys {unknown}; {hint}"
-                              f"known: {', '.join(known)})")
+        check_keys(values, generic | set(options), name)
         checked = check_fields(cls, {k: v for k, v in values.items() if k in generic}, name)
         by_class: dict[type, dict[str, Any]] = {}
         for k, v in values.items():

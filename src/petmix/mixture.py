@@ -25,8 +25,6 @@ from petmix.router import ROUTERS, Router, Routing, make_router
 
 BlockConfig = LoRAConfig | PromptConfig | FullConfig | str  # "bitfit"
 
-ROUTINGS = tuple(ROUTERS)
-
 
 @dataclass
 class MixOutput:

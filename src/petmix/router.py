@@ -308,16 +308,15 @@ class KeyQueryRouter(Router):
 
     learned = True
 
-    def __init__(self, d_model: int, top_k: int):
+    def __init__(self, d_model: int, top_k: int, pool_size: int = 10):
         super().__init__()
         self.d_model, self.top_k = d_model, top_k
+        self.pool_size = pool_size  # prompts in the shared pool (L2P's M)
         self.keys = nn.ParameterList()
 
     @classmethod
     def build(cls, d_model: int, top_k: int = 5, pool_size: int = 10, **_: Any) -> KeyQueryRouter:
-        router = cls(d_model, top_k)
-        router.pool_size = pool_size  # prompts in the shared pool (L2P's M)
-        return router
+        return cls(d_model, top_k, pool_size)
 
     def route(self, mix, input_ids, source_mask, task_index=None) -> Routing:
         selection, match_loss = self.select(mix.backbone.features(input_ids, source_mask))
@@ -363,6 +362,9 @@ class AttemptAttention(Router):
     differ from one prompt position to the next (an option beyond the paper).
     """
 
+    needs_task_id = True  # the task id picks the target prompt
+    uses_sources = True
+
     def __init__(self, d_model: int, hidden: int = 100, train_layer_norm: bool = True, token_level: bool = False,
                  temperature: float | None = None):
         super().__init__()
@@ -374,9 +376,6 @@ class AttemptAttention(Router):
         self.temperature = temperature if temperature is not None else d_model * math.e
         self.train_layer_norm = train_layer_norm
         self.token_level = token_level
-
-    needs_task_id = True  # the task id picks the target prompt
-    uses_sources = True
 
     @classmethod
     def build(cls, d_model: int, router_hidden: int = 100, train_layer_norm: bool = True, token_level: bool = False,

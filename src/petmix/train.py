@@ -116,7 +116,6 @@ class Trainer:
         # Which examples the current micro-batch holds, for hooks whose loss needs it (LwF).
         self.step_indices: list[int] = []
         self.stages: list[list[Task]] = [tasks] if self.method.joint else [[t] for t in tasks]
-        self.state_dir = self.out / "state"
         self.single_task = self._single_task_scores()
         # Every method trains on the same examples: each task's train split minus a held-out part.
         self.splits = {t.name: t.heldout_split(cfg.heldout_fraction, cfg.seed, cfg.heldout_max)
@@ -159,9 +158,6 @@ class Trainer:
         if self.main:
             save_checkpoint(self.out, self.mix, progress, optimizer, stats)
         self.accelerator.wait_for_everyone()
-
-    def _load_state(self) -> tuple[dict[str, Any], dict[str, torch.Tensor], dict[str, Any]] | None:
-        return load_checkpoint(self.out, self.mix)
 
     # ---- training --------------------------------------------------------------------------
     def encode(self, examples: list[Example], stage_tasks: list[Task], owners: list[int]) -> tuple[list, list]:
@@ -366,7 +362,7 @@ class Trainer:
         self._check_run_dir()
         self.out.mkdir(parents=True, exist_ok=True)
         rows: list[dict[str, Any]] = read_json(self.out / "stages.json") if (self.out / "stages.json").exists() else []
-        loaded = self._load_state()
+        loaded = load_checkpoint(self.out, self.mix)
         start_stage, resume = 0, None
         if loaded is not None:
             progress = loaded[0]

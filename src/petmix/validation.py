@@ -24,7 +24,7 @@ import functools
 import math
 import types
 import typing
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -149,21 +149,28 @@ def _fields_of(cls: type) -> tuple[dict[str, Any], dict[str, dataclasses.Field]]
     return typing.get_type_hints(cls), {f.name: f for f in dataclasses.fields(cls)}
 
 
+def check_keys(values: Mapping[Any, Any], known: Iterable[str], name: Callable[[str], str]) -> None:
+    """Every key is a name, and a known one (a PetmixError names the first that is not, with the
+    closest known name)."""
+    for k in values:
+        if not isinstance(k, str):
+            raise PetmixError(f"{name(str(k))}: a setting's name must be text, got {_show(k)}")
+    known = sorted(known)
+    unknown = sorted(set(values) - set(known))
+    if unknown:
+        close = difflib.get_close_matches(unknown[0], known, n=1)
+        hint = f"did you mean {close[0]}? " if close else ""
+        raise PetmixError(f"{name(unknown[0])}: not a setting (unknown keys {unknown}; {hint}"
+                          f"known: {', '.join(known)})")
+
+
 def check_fields(cls: type, values: Mapping[Any, Any], name: Callable[[str], str],
                  table: Mapping[str, Bounds] | None = None) -> dict[str, Any]:
     """The values for dataclass ``cls`` converted to their declared types and checked against their
     bounds; ``name(key)`` says how to call a key in a message (a flag, or a file and key).
     Unknown keys and keys that are not names are refused too."""
     hints, fields = _fields_of(cls)
-    for k in values:
-        if not isinstance(k, str):
-            raise PetmixError(f"{name(str(k))}: a setting's name must be text, got {_show(k)}")
-    unknown = sorted(set(values) - set(fields))
-    if unknown:
-        close = difflib.get_close_matches(unknown[0], list(fields), n=1)
-        hint = f"did you mean {close[0]}? " if close else ""
-        raise PetmixError(f"{name(unknown[0])}: not a setting (unknown keys {unknown}; {hint}"
-                          f"known: {', '.join(sorted(fields))})")
+    check_keys(values, fields, name)
     out: dict[str, Any] = {}
     for key, v in values.items():
         where = name(key)
