@@ -126,12 +126,16 @@ def real_batches(backbone: Backbone, cfg: dict[str, Any], tasks: list) -> list[d
 
 # ---- timing ------------------------------------------------------------------------------------
 def interleaved(fns: dict[str, Callable[[], Any]], reps: int) -> dict[str, list[float]]:
-    """One warm-up call each, then ``reps`` rounds calling every variant once per round."""
+    """One warm-up call each, then ``reps`` rounds calling every variant once per round. The order rotates
+    each round: the first call after another model's step can pay extra (memory the other freed is faulted in again), and that
+    cost must not always fall on the same variant."""
     for fn in fns.values():
         fn()
     times: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(reps):
-        for k, fn in fns.items():
+    names = list(fns)
+    for r in range(reps):
+        for k in names[r % len(names):] + names[:r % len(names)]:
+            fn = fns[k]
             start = time.perf_counter()
             fn()
             times[k].append(time.perf_counter() - start)
@@ -160,7 +164,7 @@ def peft_forward(pm) -> Callable[[dict], torch.Tensor]:
 
 
 def mix_forward(mix: Mixture) -> Callable[[dict], torch.Tensor]:
-    return lambda b: mix(b)[0]
+    return lambda b: mix(b).loss
 
 
 def table(title: str, times: dict[str, list[float]], base: str) -> list[str]:
