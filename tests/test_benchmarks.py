@@ -40,3 +40,14 @@ def test_step_time(tiny_llama_path, tmp_path):
     _run([str(ROOT / "benchmarks/step_time.py"), "--model", str(tiny_llama_path), "--blocks", "1,2",
           "--batch-size", "2", "--seq-len", "16", "--reps", "1", "--out", str(out)], tmp_path)
     assert out.is_file()
+
+
+def test_vs_arrow(tiny_llama_path, tmp_path):
+    out = tmp_path / "arrow"
+    proc = _run([str(ROOT / "benchmarks/vs_arrow.py"), "--model", str(tiny_llama_path),
+                 "--data", str(ROOT / "tests/fixtures/cl_layout"),
+                 "--set", "tasks=[task001_tiny_colour_qa, task002_tiny_summary]", "--max-train", "8",
+                 "--max-test", "3", "--epochs", "1", "--set", "batch_size=4", "--import-examples", "4",
+                 "--top-k", "1", "--out", str(out)], tmp_path)
+    for row in ("petmix router (imported blocks)", "oracle (own adapter)", "uniform mixture (1/n)", "PEFT Arrow top_k=1"):
+        assert f"| {row} |" in proc.stdout
