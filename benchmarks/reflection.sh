@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# SAPT's attentive reflection (ARM), issue 12 part 3: what the pseudo-inputs come from, at the default
+# (prototype) router. Entries: feature statistics (petmix's default), SAPT's generated pseudo-inputs,
+# real stored training inputs (an oracle: it keeps old examples, which SAPT must not), and no
+# reflection at all (kl_ratio 0). Same stream, settings and test examples as benchmarks/routing.sh.
+# Resumable. Needs ../shared/data. Run it from a checkout nobody edits meanwhile (see routing.sh).
+#   STREAM=long4 SEEDS=0 bash benchmarks/reflection.sh
+# Output: runs/bench/reflection-<stream>/{table.md,per_task.md,<entry>/seed-<s>/...}
+set -euo pipefail
+cd "$(dirname "$0")/.."
+[ -d ../shared/data/CL_Benchmark ] || { echo "needs ../shared/data/CL_Benchmark (the benchmark data)"; exit 2; }
+stream=${STREAM:-long4}
+case $stream in
+  superni5) config=benchmarks/configs/superni5_cpu.yaml ;;
+  long4) config=benchmarks/configs/long4_cpu.yaml ;;
+  *) echo "unknown stream $stream (superni5 or long4)"; exit 2 ;;
+esac
+.venv/bin/petmix compare --config "$config" --out "runs/bench/reflection-$stream" --seeds "${SEEDS:-0}" --no-floors \
+  --methods "sapt-lora,arm-generated=sapt-lora:replay_source=generated,arm-real=sapt-lora:replay_source=real,no-arm=sapt-lora:kl_ratio=0"
