@@ -300,3 +300,27 @@ def test_bad_input_exits_2_naming_the_field(case, env, capsys):
 def test_enough_cases():
     commands = {c[1][0] if isinstance(c[1], list) else "train" for c in CASES}
     assert len(CASES) >= 60 and commands >= {"train", "compare", "eval", "predict", "report", "sources"}
+
+
+@pytest.mark.parametrize("command", ["train", "compare"])
+def test_a_folder_another_process_writes_to_exits_2(command, env, capsys):
+    """A run or comparison folder held by another petmix process (here: this test holding its lock) is
+    refused before the model loads, naming the folder, and nothing in it changes."""
+    import fcntl
+
+    argv = _train("--method", "sapt-lora") if command == "train" else [
+        "compare", "--tasks", str(FIXTURE), "--max-train", "3", "--max-test", "2", "--methods", "sapt-lora",
+        "--out", "out"]
+    argv = [a if a != "out" else "run" for a in argv] + [M, env["model"]]
+    fd = os.open(env["work"] / "run", os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        before = {p: os.stat(env["work"] / p).st_mtime_ns for p in _files(env["work"])}
+        rc = _run(argv)
+        err = capsys.readouterr().err
+        assert rc == 2, err[-2000:]
+        assert "--out run: in use by another petmix process" in err and "Traceback" not in err
+        assert {p: os.stat(env["work"] / p).st_mtime_ns for p in _files(env["work"])} == before
+    finally:
+        os.close(fd)
+    assert _run(argv) == 0  # released: the same command now runs (and resumes nothing: a fresh run)

@@ -23,7 +23,7 @@ from typing import Any
 from petmix.data.task import Task
 from petmix.errors import PetmixError
 from petmix.methods import METHODS, get_method
-from petmix.runs import read_json, write_json
+from petmix.runs import holding, read_json, write_json
 from petmix.stats import NOISE_RULE, Summary, within_noise
 from petmix.train import TrainConfig, Trainer, settings_diff, stages_wall_seconds
 
@@ -183,43 +183,44 @@ def run_comparison(entries: list[Entry], base: dict[str, Any], tasks: list[Task]
                 raise PetmixError(f"{run_dir(entry, seed)} holds a finished run with other settings ({diff}); "
                                   "use a new --out or the same settings")
             configs[entry.label, seed] = cfg
-    if before_first is not None:
-        before_first()
     out_dir.mkdir(parents=True, exist_ok=True)
-    write_json(out_dir / "compare.json", {**(record or {}), "entries": [e.label for e in entries],
-                                          "seeds": seed_list if multi else None, "test_seed": test_seed,
-                                          "tuned": tuned or None, "noise_rule": NOISE_RULE if multi else None})
+    with holding(out_dir):  # a second comparison into the same folder stops here, before it writes
+        if before_first is not None:
+            before_first()
+        write_json(out_dir / "compare.json", {**(record or {}), "entries": [e.label for e in entries],
+                                              "seeds": seed_list if multi else None, "test_seed": test_seed,
+                                              "tuned": tuned or None, "noise_rule": NOISE_RULE if multi else None})
 
-    floor_rows: list[dict[str, Any]] = []
-    if floors:
-        floor_rows = compute_floors(out_dir / "floors", seed_list, load, configs[ordered[0].label, seed_list[0]])
-    runs: dict[str, dict[int, dict[str, Any]]] = {e.label: {} for e in entries}
-    failures: dict[str, dict[int, str]] = {e.label: {} for e in entries}
-    for seed in seed_list:
-        seed_tasks = load(seed)
-        for entry in ordered:
-            cfg = configs[entry.label, seed]
-            where = run_dir(entry, seed)
-            expected = 1 if get_method(cfg.method).joint else len(seed_tasks)
-            tag = entry.label + (f" seed {seed}" if multi else "")
-            if _finished(where, expected):
-                log.info("%s: finished earlier, reading %s", tag, where)
-                runs[entry.label][seed] = read_json(where / "results.json")
-            else:
-                log.info("%s: training (%s) into %s", tag, cfg.method, where)
-                try:
-                    runs[entry.label][seed] = Trainer(cfg, seed_tasks, where).run()
-                except Exception as err:  # one failing run must not cost the others theirs
-                    log.exception("%s failed; going on with the other runs", tag)
-                    failures[entry.label][seed] = f"{type(err).__name__}: {err}"
-            rows = floor_rows + [entry_row(e.label, runs[e.label], failures[e.label], seed_list, multi) for e in entries]
-            write_tables(rows, names, out_dir, multi)
-    rows = floor_rows + [entry_row(e.label, runs[e.label], failures[e.label], seed_list, multi) for e in entries]
-    write_tables(rows, names, out_dir, multi)
-    done = [r for r in rows if "results" in r and not r.get("floor")]
-    if done:
-        write_matrices_figure(done, out_dir / "matrices.png")
-    return rows
+        floor_rows: list[dict[str, Any]] = []
+        if floors:
+            floor_rows = compute_floors(out_dir / "floors", seed_list, load, configs[ordered[0].label, seed_list[0]])
+        runs: dict[str, dict[int, dict[str, Any]]] = {e.label: {} for e in entries}
+        failures: dict[str, dict[int, str]] = {e.label: {} for e in entries}
+        for seed in seed_list:
+            seed_tasks = load(seed)
+            for entry in ordered:
+                cfg = configs[entry.label, seed]
+                where = run_dir(entry, seed)
+                expected = 1 if get_method(cfg.method).joint else len(seed_tasks)
+                tag = entry.label + (f" seed {seed}" if multi else "")
+                if _finished(where, expected):
+                    log.info("%s: finished earlier, reading %s", tag, where)
+                    runs[entry.label][seed] = read_json(where / "results.json")
+                else:
+                    log.info("%s: training (%s) into %s", tag, cfg.method, where)
+                    try:
+                        runs[entry.label][seed] = Trainer(cfg, seed_tasks, where).run()
+                    except Exception as err:  # one failing run must not cost the others theirs
+                        log.exception("%s failed; going on with the other runs", tag)
+                        failures[entry.label][seed] = f"{type(err).__name__}: {err}"
+                rows = floor_rows + [entry_row(e.label, runs[e.label], failures[e.label], seed_list, multi) for e in entries]
+                write_tables(rows, names, out_dir, multi)
+        rows = floor_rows + [entry_row(e.label, runs[e.label], failures[e.label], seed_list, multi) for e in entries]
+        write_tables(rows, names, out_dir, multi)
+        done = [r for r in rows if "results" in r and not r.get("floor")]
+        if done:
+            write_matrices_figure(done, out_dir / "matrices.png")
+        return rows
 
 
 def compute_floors(out: Path, seeds: list[int], load: Callable[[int], list[Task]], cfg: TrainConfig

@@ -12,7 +12,8 @@ import logging
 import os
 import sys
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,29 @@ def _atomic_write(path: Path, text: str) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+@contextmanager
+def holding(folder: str | Path) -> Iterator[None]:
+    """Hold an existing run or comparison folder for this process while it writes there: a second petmix
+    process given the same folder stops with a PetmixError (exit 2) instead of interleaving its writes.
+    The lock (``flock`` on the folder itself, no lock file) goes with the process, so a killed run
+    resumes with nothing to clean up."""
+    try:
+        import fcntl
+    except ImportError:  # no flock (Windows): unguarded, as before
+        yield
+        return
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise PetmixError(f"{folder}: in use by another petmix process writing there; wait for it to end "
+                              "or use another --out") from None
+        yield
+    finally:
+        os.close(fd)  # releases the lock
 
 
 def write_json(path: str | Path, obj: Any) -> None:
@@ -167,6 +191,11 @@ def check_out_dir(text: str | None, flag: str = "--out") -> Path:
         if entries and not entries & _OUR_NAMES:
             raise PetmixError(f"{flag} {text}: the folder holds files that are not a petmix run "
                               f"({', '.join(sorted(entries)[:5])}); give a new or empty folder")
+        try:  # another petmix process writing there: say so now, not after the model has loaded
+            with holding(path):
+                pass
+        except PetmixError as err:
+            raise PetmixError(f"{flag} {err}") from None
         probe = path
     else:
         probe = path.absolute().parent

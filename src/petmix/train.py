@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +36,7 @@ from petmix.peft_io import read_run_imports, use_imported_block
 from petmix.runs import (
     check_run_folder,
     crash_point,
+    holding,
     read_json,
     save_tensors,
     write_json,
@@ -138,8 +140,6 @@ class Trainer:
             if diff:
                 raise PetmixError(f"{cfg_path}: the run directory holds a run with other settings ({diff}); "
                                   "use a new --out or the same settings to resume")
-        if self.main:
-            write_json(cfg_path, resolved)  # makes the folder
         return resolved
 
     def _single_task_scores(self) -> list[float | None] | None:
@@ -359,8 +359,14 @@ class Trainer:
 
     def run(self) -> dict[str, Any]:
         check_run_folder(self.out)  # a damaged file is named before anything is written
-        self._check_run_dir()
+        resolved = self._check_run_dir()
         self.out.mkdir(parents=True, exist_ok=True)
+        with holding(self.out) if self.main else nullcontext():  # one process writes here at a time
+            if self.main:
+                write_json(self.out / "config.json", resolved)
+            return self._run()
+
+    def _run(self) -> dict[str, Any]:
         rows: list[dict[str, Any]] = read_json(self.out / "stages.json") if (self.out / "stages.json").exists() else []
         loaded = load_checkpoint(self.out, self.mix)
         start_stage, resume = 0, None
