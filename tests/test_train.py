@@ -201,3 +201,23 @@ def test_config_numbers_written_as_yaml_strings_are_read_as_numbers():
     assert cfg.lr == 3e-4 and cfg.max_train == 16
     with pytest.raises(PetmixError, match="lr: must be a number"):
         TrainConfig.from_dict({"lr": "fast"})
+
+
+@pytest.mark.parametrize("method", ["per-task-lora", "prog-prompt"])
+def test_unchanged_task_id_evaluations_are_reused_with_the_same_answers(tiny_llama_path, tmp_path, method, caplog):
+    """Task-id methods whose earlier blocks are frozen: an earlier task's answers after a later stage are
+    those it gave before, so they are reused; the run's results and predictions equal a run that
+    evaluates everything again."""
+    caplog.set_level("INFO", logger="petmix.train")
+    fresh = run(tiny_llama_path, tmp_path / "fresh", method, lr=5e-2)  # enough to change the answers
+    Trainer.reuse_unchanged_evals = False
+    try:
+        again = run(tiny_llama_path, tmp_path / "again", method, lr=5e-2)
+    finally:
+        Trainer.reuse_unchanged_evals = True
+    assert fresh["matrix"] == again["matrix"]
+    for stage in (1, 2, 3):
+        for f in sorted((tmp_path / "again" / "predictions" / f"stage-{stage}").glob("*.jsonl")):
+            assert (tmp_path / "fresh" / "predictions" / f"stage-{stage}" / f.name).read_text() == f.read_text()
+    reused = [r for r in caplog.records if "predictions are reused" in r.getMessage()]
+    assert len(reused) == 3  # task 1 after stages 2 and 3, task 2 after stage 3; none in the run without reuse
