@@ -221,3 +221,27 @@ def test_unchanged_task_id_evaluations_are_reused_with_the_same_answers(tiny_lla
             assert (tmp_path / "fresh" / "predictions" / f"stage-{stage}" / f.name).read_text() == f.read_text()
     reused = [r for r in caplog.records if "predictions are reused" in r.getMessage()]
     assert len(reused) == 3  # task 1 after stages 2 and 3, task 2 after stage 3; none in the run without reuse
+
+
+def test_reuse_of_task_id_evaluations_survives_a_resume(tiny_llama_path, tmp_path, monkeypatch, caplog):
+    """The digests live in stages.json, so a run stopped between stages still reuses after resuming."""
+    import petmix.train as train_module
+
+    caplog.set_level("INFO", logger="petmix.train")
+    whole = run(tiny_llama_path, tmp_path / "whole", "per-task-lora", lr=5e-2)
+    hits = {"n": 0}
+
+    def stop_after_stage_2(name: str) -> None:
+        if name == "stage-end":
+            hits["n"] += 1
+            if hits["n"] == 2:
+                raise KeyboardInterrupt  # as Ctrl-C between stages
+    monkeypatch.setattr(train_module, "crash_point", stop_after_stage_2)
+    with pytest.raises(KeyboardInterrupt):
+        run(tiny_llama_path, tmp_path / "cut", "per-task-lora", lr=5e-2)
+    monkeypatch.undo()
+    caplog.clear()
+    caplog.set_level("INFO", logger="petmix.train")
+    resumed = run(tiny_llama_path, tmp_path / "cut", "per-task-lora", lr=5e-2)
+    assert resumed["matrix"] == whole["matrix"]
+    assert len([r for r in caplog.records if "predictions are reused" in r.getMessage()]) == 2  # stage 3: tasks 1, 2

@@ -10,6 +10,7 @@ as an uninterrupted run.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import time
@@ -40,6 +41,7 @@ from petmix.runs import (
     crash_point,
     holding,
     read_json,
+    read_jsonl,
     save_tensors,
     write_json,
     write_jsonl,
@@ -89,19 +91,6 @@ def _stage_order(n: int, seed: int, stage: int, epoch: int) -> list[int]:
     return torch.randperm(n, generator=g).tolist()
 
 
-def _same_tensors(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
-    return len(a) == len(b) and all(x.shape == y.shape and torch.equal(x, y) for x, y in zip(a, b))
-
-
-def _with_blocks(result: dict[str, Any], n: int) -> dict[str, Any]:
-    """An earlier evaluation's result with each record's router weights extended by zeros to ``n`` blocks
-    (the blocks added since, which task-id routing gives no weight)."""
-    records = [{**r, "router_weights": r["router_weights"] + [0.0] * (n - len(r["router_weights"]))}
-               if isinstance(r.get("router_weights"), list) and all(isinstance(x, float) for x in r["router_weights"])
-               else r for r in result["records"]]
-    return {**result, "records": records}
-
-
 class Trainer:
     """Runs a method over a task stream into a run directory."""
 
@@ -138,7 +127,6 @@ class Trainer:
         self.splits = {t.name: t.heldout_split(cfg.heldout_fraction, cfg.seed, cfg.heldout_max)
                        if len(t.train) > 1 else (t.train, t.train) for t in tasks}
         self.hooks = self.method.build_hooks(self)
-        self._last_eval: dict[str, tuple[list[torch.Tensor], dict[str, Any]]] = {}  # see _task_eval_reads
         self.imported = read_run_imports(cfg, self.method, self.backbone, self.mix, [t.name for t in tasks])
 
     # ---- run directory -------------------------------------------------------------------
@@ -317,7 +305,9 @@ class Trainer:
                 raise AssertionError(f"gradient reached a frozen parameter: {name}")
 
     # ---- evaluation --------------------------------------------------------------------------
-    def _evaluate(self, stage: int) -> dict[str, dict[str, Any]]:
+    def _evaluate(self, stage: int, rows: list[dict[str, Any]]) -> tuple[dict[str, dict[str, Any]], dict[str, str]]:
+        """Every task the stage's model is scored on: its results, and the keys of the task-id evaluations
+        that a later stage may reuse (``_task_eval_key``)."""
         if self.method.independent:  # single-task methods: the model of stage t knows task t only
             indexed = [(stage, self.tasks[stage])]
         elif self.method.joint or self.cfg.eval_scope == "all":
@@ -326,34 +316,37 @@ class Trainer:
             indexed = list(enumerate(self.tasks[: stage + 1]))
         tasks = [t for _, t in indexed]
         gen = self.cfg.generation()
+        keys: dict[str, str] = {}
         with self.accelerator.autocast():
             if self.method.task_id_at_test:
                 results = {}
+                before = rows[-1].get("eval_keys", {}) if rows else {}
                 for j, task in indexed:
-                    reads = self._task_eval_reads(j)
-                    seen = self._last_eval.get(task.name)
-                    if reads is not None and seen is not None and _same_tensors(seen[0], reads):
+                    key = self._task_eval_key(j)
+                    if key is not None:
+                        keys[task.name] = key
+                    if key is not None and before.get(task.name) == key:
                         log.info("%s: the blocks its task id selects are unchanged since its last evaluation; "
                                  "its predictions are reused", task.name)
-                        results[task.name] = _with_blocks(seen[1], self.mix.num_blocks)
+                        results[task.name] = self._earlier_result(stage, task, rows[-1]["scores"][task.name])
                         continue
                     results.update(evaluate_tasks(self.backbone, [task], gen, self.mix.prepare_fn(j),
                                                   desc=f"eval {task.name}"))
-                    if reads is not None:
-                        self._last_eval[task.name] = (reads, results[task.name])
             else:
                 results = evaluate_tasks(self.backbone, tasks, gen, self.mix.prepare_fn(), desc=f"eval after stage {stage + 1}")
         self.mix.clear_weights()
-        return results
+        return results, keys
 
     # Task-id routing with a fixed router: task j's answers depend only on the frozen backbone and the blocks
-    # its id selects. Where those are bit-identical to its last evaluation, greedy decoding of the same
-    # batches gives the same answers, so they are reused (per-task-lora: 5 of 15 evaluations on 5 tasks).
+    # its id selects. Where those are bit-identical to the previous stage's (same digest in stages.json),
+    # greedy decoding of the same batches gives the same answers, so the previous stage's are reused
+    # (per-task-lora: 5 of 15 task evaluations on 5 tasks), after a resume too.
     reuse_unchanged_evals = True
 
-    def _task_eval_reads(self, j: int) -> list[torch.Tensor] | None:
-        """Copies of what task j's evaluation reads besides the frozen backbone (the blocks task id j
-        weighs non-zero), or None where that cannot be known (a learned router, a trained backbone)."""
+    def _task_eval_key(self, j: int) -> str | None:
+        """A digest of what task j's evaluation reads besides the frozen backbone (which blocks task id j
+        weighs, how much, and those blocks' tensors), or None where that cannot be known (a learned
+        router, a pool that trains the backbone itself)."""
         router = self.mix.router
         if not (self.reuse_unchanged_evals and router.needs_task_id and not router.learned
                 and not any(p.requires_grad for p in router.parameters())
@@ -362,8 +355,23 @@ class Trainer:
         probe = torch.zeros(1, 1, dtype=torch.long, device=self.backbone.device)
         weights = self.mix.weights_for(probe, torch.ones_like(probe), j).detach().reshape(1, -1)
         used = torch.nonzero(weights.ne(0).any(0)).flatten()
-        blocks = [p.detach().cpu().clone() for i in used.tolist() for p in self.mix.pool.block_parameters(i)]
-        return [used.cpu(), weights[:, used].cpu()] + blocks  # blocks added since weigh zero for task j
+        digest = hashlib.sha256()
+        for t in [used, weights[:, used]] + [p.detach() for i in used.tolist() for p in self.mix.pool.block_parameters(i)]:
+            t = t.cpu().contiguous()
+            digest.update(f"{t.dtype}{tuple(t.shape)}".encode())
+            digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        return digest.hexdigest()
+
+    def _earlier_result(self, stage: int, task: Task, score: float) -> dict[str, Any]:
+        """Task's result as the previous stage wrote it, router weights extended by zeros to the blocks
+        added since (task-id routing gives them no weight)."""
+        n = self.mix.num_blocks
+        records = read_jsonl(self.out / "predictions" / f"stage-{stage}" / f"{task.name}.jsonl")
+        for r in records:
+            w = r.get("router_weights")
+            if isinstance(w, list) and all(isinstance(x, float) for x in w):
+                r["router_weights"] = w + [0.0] * (n - len(w))
+        return {"metric": task.metric, "score": score, "n": len(records), "records": records}
 
     def _write_results(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
         names = [t.name for t in self.tasks]
@@ -452,7 +460,7 @@ class Trainer:
 
     def _evaluate_and_write(self, stage: int, rows: list[dict[str, Any]], info: dict[str, Any] | None) -> None:
         started = time.time()
-        results = self._evaluate(stage)
+        results, keys = self._evaluate(stage, rows)
         crash_point("eval")
         eval_s = round(time.time() - started, 1)
         for name, res in results.items():
@@ -463,6 +471,8 @@ class Trainer:
         self.stages_info[stage] = info
         info = info or {"train_s": 0.0, "steps": None, "mean_loss": None, "train_router_weights": None}
         row = {"name": stage_name, **info, "eval_s": eval_s, "scores": {n: r["score"] for n, r in results.items()}}
+        if keys:
+            row["eval_keys"] = keys
         if self.method.routes_per_task:  # the block of task j is block j: did the router pick it?
             names = [t.name for t in self.tasks]
             row["routing"] = {n: routing_accuracy([rec.get("router_weights") for rec in r["records"]],
