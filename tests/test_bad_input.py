@@ -103,6 +103,7 @@ CASES: list[tuple[str, object, tuple[str, ...], object]] = [
     ("max-train-neg", _train("--max-train", "-1"), ("--max-train",), None),
     ("max-test-0", _train("--max-test", "0"), ("--max-test",), None),
     ("train-eval-batch-0", _train("--eval-batch-size", "0"), ("--eval-batch-size",), None),
+    ("train-heldout-max-0-with-arm", _train("--heldout-max", "0"), ("--heldout-max", "held-out"), None),
     ("max-new-tokens-0", _train("--max-new-tokens", "0"), ("--max-new-tokens",), None),
     ("checkpoint-every-0", _train("--checkpoint-every", "0"), ("--checkpoint-every",), None),
     ("lora-dropout-1.5", _train("--lora-dropout", "1.5"), ("--lora-dropout",), None),

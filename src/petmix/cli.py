@@ -200,7 +200,10 @@ def _flag_help(f: Any) -> str:
     return text.replace("%", "%%")
 
 
-def _train_config(args: argparse.Namespace, apply_tuned: bool = False):
+def _train_config(args: argparse.Namespace, apply_tuned: bool = False, method: str | None = None):
+    """The run's settings from --config, tuned values and flags, validated; ``method`` (a command that
+    always trains one method, e.g. ``sources train``) is set before validation, so checks that depend
+    on the method are its own."""
     import yaml
 
     from petmix.config import TrainConfig
@@ -237,6 +240,8 @@ def _train_config(args: argparse.Namespace, apply_tuned: bool = False):
         log.info("settings of %s from %s: %s", method, args.tuned, chosen or "none tuned for this method")
         values.update(chosen)
     values.update(flag_values)  # flags override the file
+    if method is not None:
+        values["method"] = method
     source = args.config or "command line"
     return TrainConfig.from_dict(values, source, flags=flags)
 
@@ -251,9 +256,7 @@ def _prepare_run(args: argparse.Namespace, default_stream: str = "default", meth
     from petmix.runs import check_out_dir, check_run_folder, setup_logging
 
     setup_logging(None, args.verbose)
-    cfg = _train_config(args, apply_tuned=apply_tuned)
-    if method is not None:
-        cfg.method = method
+    cfg = _train_config(args, apply_tuned=apply_tuned, method=method)
     out = check_out_dir(args.out)
     check_run_folder(out)
     backbone = None

@@ -82,7 +82,8 @@ class TrainConfig:
                                                     "single-task scores for FWT")
     heldout_fraction: float = setting(0.1, "part of each task's train split held out (e.g. ARM's targets); never "
                                            "test", gt=0, lt=1)
-    heldout_max: int = setting(32, "at most this many held-out examples per task", ge=1)
+    heldout_max: int = setting(32, "at most this many held-out examples per task (0: none, every train example "
+                               "trains: few-shot settings)", ge=0)
     generator: dict[str, Any] = setting(help="settings of the per-task generator of pseudo-inputs (methods that "
                                              "generate them), a YAML mapping: e.g. '{keep: 8, epochs: 2}'",
                                         factory=dict)

@@ -187,6 +187,9 @@ class Method:
         options = self.options_from(cfg)
         if options is not None and hasattr(options, "check"):
             problems += options.check()
+        if options is not None and hasattr(options, "uses_heldout") and options.uses_heldout() and cfg.heldout_max == 0:
+            problems.append(("heldout_max", f"method {self.name} learns from held-out train examples, and "
+                                            "heldout_max 0 leaves none: use heldout_max >= 1"))
         return problems
 
 

@@ -53,6 +53,10 @@ class SAPTOptions:
     replay_batch_size: int = setting(8, "pseudo-inputs per earlier task per reflection step", ge=1)
     replay_every: int = setting(1, "micro-batches between reflection losses", ge=1)
 
+    def uses_heldout(self) -> bool:
+        """ARM stores each task's attention targets on its held-out train examples."""
+        return self.kl_ratio > 0
+
 
 def reflection_hook(trainer: Stage, options: SAPTOptions) -> AttentiveReflection | None:
     if options.kl_ratio <= 0:  # kl_ratio 0 switches SAPT's reflection off
