@@ -50,6 +50,8 @@ def holding(folder: str | Path) -> Iterator[None]:
         except BlockingIOError:
             raise PetmixError(f"{folder}: in use by another petmix process writing there; wait for it to end "
                               "or use another --out") from None
+        except OSError:  # a file system without flock (some network mounts): unguarded, as before
+            pass
         yield
     finally:
         os.close(fd)  # releases the lock
