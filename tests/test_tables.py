@@ -144,3 +144,19 @@ def test_validation_split_comes_from_train_only():
         assert len(v.test) == 5 and len(v.train) == 10
         assert {e.input for e in v.test} <= {e.input for e in orig.train}
         assert not {e.input for e in v.test} & {e.input for e in v.train}
+
+
+def test_tables_written_while_training_count_runs_finished_earlier(tiny_llama_path, tmp_path, monkeypatch):
+    """A long comparison rewrites its tables after every run; seeds finished in an earlier invocation
+    appear in them from the first rewrite on, not only once this invocation reaches them."""
+    import petmix.compare as compare_module
+
+    base = {"model": str(tiny_llama_path), "epochs": 1, "batch_size": 4, "lr": 5e-3, "max_new_tokens": 2}
+    entries = [Entry.parse("seq-lora")]
+    out = tmp_path / "cmp"
+    run_comparison(entries, base, make_tasks(2), out, seeds=[1], tasks_for_seed=lambda s: make_tasks(2))
+    written: list[list[dict]] = []
+    real = compare_module.write_tables
+    monkeypatch.setattr(compare_module, "write_tables", lambda rows, *a: (written.append(rows), real(rows, *a)))
+    run_comparison(entries, base, make_tasks(2), out, seeds=[0, 1], tasks_for_seed=lambda s: make_tasks(2))
+    assert written[0][0]["seeds"] == "2"  # after seed 0 trained: seed 1's earlier run already counted

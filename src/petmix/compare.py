@@ -196,6 +196,13 @@ def run_comparison(entries: list[Entry], base: dict[str, Any], tasks: list[Task]
             floor_rows = compute_floors(out_dir / "floors", seed_list, load, configs[ordered[0].label, seed_list[0]])
         runs: dict[str, dict[int, dict[str, Any]]] = {e.label: {} for e in entries}
         failures: dict[str, dict[int, str]] = {e.label: {} for e in entries}
+        # Every run finished earlier counts from the start, so the tables written while the rest train
+        # show all of them (not only the seeds this invocation has reached).
+        for seed in seed_list:
+            for entry in ordered:
+                where = run_dir(entry, seed)
+                if _finished(where, 1 if get_method(configs[entry.label, seed].method).joint else len(tasks)):
+                    runs[entry.label][seed] = read_json(where / "results.json")
         for seed in seed_list:
             seed_tasks = load(seed)
             for entry in ordered:
