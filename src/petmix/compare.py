@@ -202,24 +202,21 @@ def run_comparison(entries: list[Entry], base: dict[str, Any], tasks: list[Task]
             for entry in ordered:
                 where = run_dir(entry, seed)
                 if _finished(where, 1 if get_method(configs[entry.label, seed].method).joint else len(tasks)):
+                    log.info("%s: finished earlier, reading %s", entry.label + (f" seed {seed}" if multi else ""), where)
                     runs[entry.label][seed] = read_json(where / "results.json")
         for seed in seed_list:
-            seed_tasks = load(seed)
-            for entry in ordered:
+            todo = [entry for entry in ordered if seed not in runs[entry.label]]
+            seed_tasks = load(seed) if todo else []
+            for entry in todo:
                 cfg = configs[entry.label, seed]
                 where = run_dir(entry, seed)
-                expected = 1 if get_method(cfg.method).joint else len(seed_tasks)
                 tag = entry.label + (f" seed {seed}" if multi else "")
-                if _finished(where, expected):
-                    log.info("%s: finished earlier, reading %s", tag, where)
-                    runs[entry.label][seed] = read_json(where / "results.json")
-                else:
-                    log.info("%s: training (%s) into %s", tag, cfg.method, where)
-                    try:
-                        runs[entry.label][seed] = Trainer(cfg, seed_tasks, where).run()
-                    except Exception as err:  # one failing run must not cost the others theirs
-                        log.exception("%s failed; going on with the other runs", tag)
-                        failures[entry.label][seed] = f"{type(err).__name__}: {err}"
+                log.info("%s: training (%s) into %s", tag, cfg.method, where)
+                try:
+                    runs[entry.label][seed] = Trainer(cfg, seed_tasks, where).run()
+                except Exception as err:  # one failing run must not cost the others theirs
+                    log.exception("%s failed; going on with the other runs", tag)
+                    failures[entry.label][seed] = f"{type(err).__name__}: {err}"
                 rows = floor_rows + [entry_row(e.label, runs[e.label], failures[e.label], seed_list, multi) for e in entries]
                 write_tables(rows, names, out_dir, multi)
         rows = floor_rows + [entry_row(e.label, runs[e.label], failures[e.label], seed_list, multi) for e in entries]

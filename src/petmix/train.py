@@ -23,8 +23,6 @@ from tqdm.auto import tqdm
 
 from petmix import tracking
 from petmix.backbone import Backbone, cpu_has_fast_bf16, load_backbone
-from petmix.blocks.lora import LoRAPool
-from petmix.blocks.prompt import PromptPool
 from petmix.build import build_mixture, check_model_settings
 from petmix.checkpoint import load_checkpoint, load_optimizer, save_checkpoint
 from petmix.config import TrainConfig, single_task_diagonal
@@ -337,26 +335,26 @@ class Trainer:
         self.mix.clear_weights()
         return results, keys
 
-    # Task-id routing with a fixed router: task j's answers depend only on the frozen backbone and the blocks
-    # its id selects. Where those are bit-identical to the previous stage's (same digest in stages.json),
-    # greedy decoding of the same batches gives the same answers, so the previous stage's are reused
-    # (per-task-lora: 5 of 15 task evaluations on 5 tasks), after a resume too.
+    # Task-id routing: the blocks task j's evaluation weighs do not depend on the input, so its answers
+    # depend only on the frozen backbone, those blocks and the router. Where all of these are bit-identical
+    # to the previous stage's (same digest in stages.json), greedy decoding of the same batches gives the
+    # same answers and the previous stage's are reused (per-task-lora: 5 of 15 task evaluations on 5
+    # tasks), after a resume too.
     reuse_unchanged_evals = True
 
     def _task_eval_key(self, j: int) -> str | None:
         """A digest of what task j's evaluation reads besides the frozen backbone (which blocks task id j
-        weighs, how much, and those blocks' tensors), or None where that cannot be known (a learned
-        router, a pool that trains the backbone itself)."""
+        weighs, how much, those blocks' tensors and the router's), or None where no later stage evaluates
+        the task again with the same routing (no task id, or one model per task)."""
         router = self.mix.router
-        if not (self.reuse_unchanged_evals and router.needs_task_id and not router.learned
-                and not any(p.requires_grad for p in router.parameters())
-                and isinstance(self.mix.pool, (LoRAPool, PromptPool))):
+        if not (self.reuse_unchanged_evals and router.needs_task_id and not self.method.independent):
             return None
         probe = torch.zeros(1, 1, dtype=torch.long, device=self.backbone.device)
         weights = self.mix.weights_for(probe, torch.ones_like(probe), j).detach().reshape(1, -1)
         used = torch.nonzero(weights.ne(0).any(0)).flatten()
         digest = hashlib.sha256()
-        for t in [used, weights[:, used]] + [p.detach() for i in used.tolist() for p in self.mix.pool.block_parameters(i)]:
+        for t in [used, weights[:, used], *(p.detach() for i in used.tolist() for p in self.mix.pool.block_parameters(i)),
+                  *router.state_dict().values()]:
             t = t.cpu().contiguous()
             digest.update(f"{t.dtype}{tuple(t.shape)}".encode())
             digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
