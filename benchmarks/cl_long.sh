@@ -10,6 +10,7 @@
 # Hours on 2 CPU cores; resumable, accumulating in $OUT/{tune,compare}. Needs ../shared/data.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source benchmarks/kept.sh
 [ -d ../shared/data/CL_Benchmark ] || { echo "needs ../shared/data/CL_Benchmark (the benchmark data)"; exit 2; }
 STREAM="${STREAM:-long4-avail-order1}"
 OUT="${OUT:-runs/bench/$STREAM}"
@@ -17,6 +18,6 @@ CONFIG=benchmarks/configs/long4_cpu.yaml
 TUNE="${TUNE:-per-task-lora,sapt-lora,seq-lora,inc-lora,mtl-lora,sapt-prompt,seq-prompt,seq-ft,replay,ewc,lwf,o-lora,l2p,lfpt5,prog-prompt}"
 .venv/bin/petmix tune --config "$CONFIG" --stream "$STREAM" --methods "$TUNE" --tune-tasks 2 --val-max 50 \
   --out "$OUT/tune"
-.venv/bin/petmix compare --config "$CONFIG" --stream "$STREAM" --max-test 100 --seeds "${SEEDS:-0,1,2}" \
-  --tuned "$OUT/tune/tuned.yaml" --out "$OUT/compare" \
+kept_compare "$OUT/compare" --config "$CONFIG" --stream "$STREAM" --max-test 100 --seeds "${SEEDS:-0,1,2}" \
+  --tuned "$OUT/tune/tuned.yaml" \
   --methods "${METHODS:-per-task-lora,sapt-lora,seq-lora,inc-lora,mtl-lora,sapt-prompt,seq-prompt,seq-ft,replay,ewc,lwf,o-lora,l2p,lfpt5,prog-prompt}"

@@ -11,12 +11,12 @@
 # SEEDS=0 (one seed) or METHODS=... (a subset) for a partial run. Output: $OUT/{tune,compare}.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source benchmarks/kept.sh
 [ -d ../shared/data/CL_Benchmark ] || { echo "needs ../shared/data/CL_Benchmark (the benchmark data)"; exit 2; }
 OUT="${OUT:-runs/bench/superni5}"
 CONFIG=benchmarks/configs/superni5_cpu.yaml
 TUNE="${TUNE:-per-task-lora,sapt-lora,seq-lora,inc-lora,mtl-lora,sapt-prompt,seq-prompt,seq-ft,replay,ewc,lwf,o-lora,l2p,lfpt5,prog-prompt}"
 .venv/bin/petmix tune --config "$CONFIG" --methods "$TUNE" --tune-tasks 2 --val-max 50 --out "$OUT/tune"
 # Ablations keep their own setting over the tuned one (an entry's key=value wins); the rest are tuned.
-.venv/bin/petmix compare --config "$CONFIG" --max-test 100 --seeds "${SEEDS:-0,1,2}" --tuned "$OUT/tune/tuned.yaml" \
-  --out "$OUT/compare" \
+kept_compare "$OUT/compare" --config "$CONFIG" --max-test 100 --seeds "${SEEDS:-0,1,2}" --tuned "$OUT/tune/tuned.yaml" \
   --methods "${METHODS:-per-task-lora,sapt-lora,sapt-lora-no-arm=sapt-lora:kl_ratio=0,sapt-lora-arm-real=sapt-lora:replay_source=real,seq-lora,inc-lora,mtl-lora,sapt-prompt,seq-prompt,seq-ft,replay,ewc,lwf,o-lora,l2p,lfpt5,prog-prompt}"

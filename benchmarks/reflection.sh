@@ -8,6 +8,7 @@
 # Output: runs/bench/reflection-<stream>/{table.md,per_task.md,<entry>/seed-<s>/...}
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source benchmarks/kept.sh
 [ -d ../shared/data/CL_Benchmark ] || { echo "needs ../shared/data/CL_Benchmark (the benchmark data)"; exit 2; }
 stream=${STREAM:-long4}
 case $stream in
@@ -15,5 +16,5 @@ case $stream in
   long4) config=benchmarks/configs/long4_cpu.yaml ;;
   *) echo "unknown stream $stream (superni5 or long4)"; exit 2 ;;
 esac
-.venv/bin/petmix compare --config "$config" --out "runs/bench/reflection-$stream" --seeds "${SEEDS:-0}" --no-floors \
+kept_compare "runs/bench/reflection-$stream" --config "$config" --seeds "${SEEDS:-0}" --no-floors \
   --methods "sapt-lora,arm-generated=sapt-lora:replay_source=generated,arm-real=sapt-lora:replay_source=real,no-arm=sapt-lora:kl_ratio=0"

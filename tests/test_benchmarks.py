@@ -51,3 +51,46 @@ def test_vs_arrow(tiny_llama_path, tmp_path):
                  "--top-k", "1", "--out", str(out)], tmp_path)
     for row in ("petmix router (imported blocks)", "oracle (own adapter)", "uniform mixture (1/n)", "PEFT Arrow top_k=1"):
         assert f"| {row} |" in proc.stdout
+
+
+def test_archive_lets_a_fresh_folder_read_finished_runs_instead_of_training(tiny_llama_path, tmp_path, monkeypatch):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import archive
+    from test_train import make_tasks
+
+    import petmix.compare as compare
+
+    base = {"model": str(tiny_llama_path), "epochs": 1, "batch_size": 4, "lr": 5e-3, "max_new_tokens": 2}
+    entries = [compare.Entry.parse("per-task-lora"), compare.Entry.parse("seq-lora")]
+    tasks = make_tasks(2)
+    first = compare.run_comparison(entries, base, tasks, tmp_path / "a", seeds=[0], floors=True)
+    saved = archive.save(tmp_path / "a", tmp_path / "archive")
+    assert not any(p.suffix != ".json" for p in saved)  # no weights, no predictions
+    assert {p.name for p in saved} >= {"results.json", "config.json", "stages.json", "majority-seed-0.json"}
+    assert archive.restore(tmp_path / "archive", tmp_path / "b")
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a restored finished run was trained again")
+
+    monkeypatch.setattr(compare, "Trainer", refuse)
+    monkeypatch.setattr("petmix.backbone.load_backbone", refuse)
+    again = compare.run_comparison(entries, base, tasks, tmp_path / "b", seeds=[0], floors=True)
+    assert [(r["label"], r["AP"]) for r in again] == [(r["label"], r["AP"]) for r in first]
+    assert archive.restore(tmp_path / "archive", tmp_path / "b") == []  # never overwrites
+
+
+def test_flop_floor_counts_a_hand_made_model(tiny_llama_path, tmp_path):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import flop_floor
+
+    cfg = {"hidden_size": 4, "intermediate_size": 8, "num_hidden_layers": 1, "num_attention_heads": 2,
+           "num_key_value_heads": 1, "vocab_size": 10}
+    c = flop_floor.counts(cfg, seq=3, r=1)
+    linear = 4 * (4 + 2 + 2) + 4 * 4 + 3 * 4 * 8  # q k v o, gated MLP
+    assert c["body"] == 4 * linear + 12 * 2 * 4  # fwd + bwd to inputs; attention: context 2, 4 dims
+    assert c["head"] == 4 * 4 * 10 and c["lora_rank"] == 4 * ((4 + 4) + (4 + 2))
+    # PEFT computes the head everywhere, petmix only at labelled positions: less work with one block
+    assert flop_floor.step_flop(c, 6, 2, 1) < flop_floor.step_flop(c, 6, 6, 1)
+    proc = _run([str(ROOT / "benchmarks/flop_floor.py"), "--model", str(tiny_llama_path), "--batch", "2x8",
+                 "--labelled", "2"], tmp_path)
+    assert "(a) step" in proc.stdout and "(c) step" in proc.stdout

@@ -1,0 +1,108 @@
+"""Keep a comparison's finished runs in the repository, so its table accumulates across machines.
+
+A benchmark table takes more 2-core hours than one working session has, and a session starts from a
+fresh clone: run folders under runs/ are gone. `petmix compare` counts a run as finished from its
+results.json (and checks its config.json against the entry's settings), so those two files, with
+stages.json and the floors' caches, are all a later `compare` needs to read the run instead of training
+it again. No weights, no predictions, no task text (each task's definition is replaced by its digest):
+the archive is small and holds nothing of the benchmark data.
+
+    .venv/bin/python benchmarks/archive.py save runs/bench/routing-superni5 benchmarks/results/runs/routing-superni5
+    .venv/bin/python benchmarks/archive.py restore benchmarks/results/runs/routing-superni5 runs/bench/routing-superni5
+
+`save` copies only finished runs (every stage in results.json); `restore` never overwrites a file that is
+already in the run folder.
+A restored run has no blocks: `petmix report`, `load` and benchmarks/routing_check.py need the original.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import shutil
+import sys
+from pathlib import Path
+from typing import Any
+
+KEPT = ("results.json", "config.json", "stages.json")
+
+
+def _slim(name: str, data: Any) -> Any:
+    if name == "results.json" and isinstance(data, dict):
+        for info in (data.get("per_task") or {}).values():
+            text = info.get("definition") if isinstance(info, dict) else None
+            if text:
+                info["definition"] = "sha256:" + hashlib.sha256(text.encode()).hexdigest()[:16]
+    return data
+
+
+def _finished(results: dict[str, Any]) -> bool:
+    stages = results.get("stage_names")  # absent for the zero-shot floor: one evaluation, no stages
+    return stages is None or stages == ["joint"] or len(results.get("matrix") or []) >= len(results.get("tasks") or [])
+
+
+def _runs(root: Path) -> list[Path]:
+    """Every finished run folder under ``root`` (floors' zero-shot folder included)."""
+    return sorted(p.parent for p in root.rglob("results.json")
+                  if _finished(json.loads(p.read_text(encoding="utf-8"))))
+
+
+def save(out: Path, dest: Path) -> list[Path]:
+    written = []
+    for run in _runs(out):
+        rel = run.relative_to(out)
+        for name in KEPT:
+            src = run / name
+            if not src.is_file():
+                continue
+            target = dest / rel / name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_text(json.dumps(_slim(name, json.loads(src.read_text(encoding="utf-8"))), indent=1) + "\n",
+                              encoding="utf-8")
+            written.append(target)
+    for floor in sorted((out / "floors").glob("majority-seed-*.json")) if (out / "floors").is_dir() else []:
+        target = dest / "floors" / floor.name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(floor, target)
+        written.append(target)
+    return written
+
+
+def restore(dest: Path, out: Path) -> list[Path]:
+    written = []
+    for src in sorted(dest.rglob("*.json")):
+        target = out / src.relative_to(dest)
+        if target.exists():
+            continue
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(src, target)
+        written.append(target)
+    return written
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    s = sub.add_parser("save", help="RUNS -> ARCHIVE: the finished runs' JSON files")
+    s.add_argument("runs")
+    s.add_argument("archive")
+    r = sub.add_parser("restore", help="ARCHIVE -> RUNS: files not already there")
+    r.add_argument("archive")
+    r.add_argument("runs")
+    args = parser.parse_args(argv)
+    if args.cmd == "save":
+        if not Path(args.runs).is_dir():
+            print(f"archive.py: {args.runs}: no such folder", file=sys.stderr)
+            return 2
+        files = save(Path(args.runs), Path(args.archive))
+    else:
+        if not Path(args.archive).is_dir():
+            return 0  # nothing archived yet: nothing to restore
+        files = restore(Path(args.archive), Path(args.runs))
+    print(f"{args.cmd}: {len(files)} files")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
