@@ -6,6 +6,7 @@
 # in benchmarks/results/runs/ (benchmarks/kept.sh), so a table is completed over several runs and
 # clones. Needs ../shared/data.
 #   STREAMS="superni5 long4 long4-shared" SEEDS=0,1,2 bash benchmarks/routing.sh
+#   STREAMS=superni5 SEEDS=0 METHODS=per-task-lora,sapt-lora bash benchmarks/routing.sh   (part of the main table)
 # Output: runs/bench/routing-<stream>/{table.md,per_task.md,table.csv,<entry>/seed-<s>/...}; then
 #   .venv/bin/python benchmarks/routing_check.py runs/bench/routing-<stream>/sapt-lora/seed-0   (definitions left out)
 # Run it from a checkout nobody edits while it runs (e.g. `git worktree add ../bench HEAD`): petmix
@@ -25,6 +26,7 @@ for stream in ${STREAMS:-superni5 long4 long4-shared}; do
   out="runs/bench/routing-$stream"
   # The paper's preset: its router and generative replay, at the kl_ratio that did best on CPU before.
   kept_compare "$out" --config "$config" "${extra[@]}" --seeds "${SEEDS:-0,1,2}" \
-    --methods "per-task-lora,sapt-lora,sapt-paper=sapt-lora:router=paper:replay_source=generated:kl_ratio=0.1"
+    --methods "${METHODS:-per-task-lora,sapt-lora,sapt-paper=sapt-lora:router=paper:replay_source=generated:kl_ratio=0.1}"
+  [ -n "${METHODS:-}" ] && continue  # a chosen subset of the main table: no baselines this time
   kept_compare "$out-baselines" --config "$config" "${extra[@]}" --seeds 0 --methods "inc-lora,seq-lora,o-lora"
 done
