@@ -12,12 +12,16 @@
 
 Also checks, on the benchmark's model, that PEFT's logits with one exported adapter equal petmix's
 with that block at weight 1. Training runs are resumable; their in-run evaluations use 2 test examples
-per task (the comparison evaluates everything itself). Usage:
+per task (the comparison evaluates everything itself). Other seeds (training sample, initialisation,
+data order; the same test examples) with ``--set seed=S --set test_seed=0``, then ``--combine`` for the
+mean ± std table. Usage:
 
     .venv/bin/python benchmarks/vs_arrow.py --config benchmarks/configs/superni5_cpu.yaml \\
         --data ../shared/data/CL_Benchmark --max-test 100 --out runs/bench/vs_arrow/superni5
     .venv/bin/python benchmarks/vs_arrow.py --config benchmarks/configs/long4_cpu.yaml \\
         --data ../shared/data/CL_Benchmark --max-test 100 --out runs/bench/vs_arrow/long4
+    .venv/bin/python benchmarks/vs_arrow.py --combine runs/bench/vs_arrow/long4 runs/bench/vs_arrow/long4-seed1 \
+        runs/bench/vs_arrow/long4-seed2 --out runs/bench/vs_arrow/long4-seeds
 """
 
 from __future__ import annotations
@@ -159,13 +163,22 @@ def main() -> None:
     parser.add_argument("--router-set", action="append", default=[],
                         help="key=value for the router run only (default: petmix's defaults: prototype router, feature reflection)")
     parser.add_argument("--out", required=True)
+    parser.add_argument("--combine", nargs="+", metavar="RUN",
+                        help="no training: the mean ± std table over finished runs of other seeds (their vs_arrow.json), "
+                             "written to --out")
     args = parser.parse_args()
     out = Path(args.out)
+    if args.combine:
+        table = combine([Path(r) for r in args.combine])
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "table.md").write_text(table, encoding="utf-8")
+        print(table)
+        return
     setup_logging(out)
     values = settings(args)
     specs = values.get("tasks") or resolve_stream(values.get("stream") or "default")
     tasks = load_tasks(specs, values.get("data"), max_train=values.get("max_train"), max_test=values.get("max_test"),
-                       seed=values.get("seed", 0))
+                       seed=values.get("seed", 0), test_seed=values.get("test_seed"))
     names = [t.name for t in tasks]
     values = {**values, "tasks": names, "stream": None}
     bf16 = bool(values.get("bf16"))
@@ -259,6 +272,34 @@ def arrow_routing_accuracy(arrow: Backbone, tasks: list[Task], gen: GenerationCo
             total += votes.votes.shape[0]
     votes.mask = None
     return 100.0 * hits / max(total, 1)
+
+
+def combine(runs: list[Path]) -> str:
+    """Mean ± sample std over seeds of one comparison (same tasks and test examples), row by row."""
+    from petmix.stats import Summary
+
+    payloads = [json.loads((r / "vs_arrow.json").read_text(encoding="utf-8")) for r in runs]
+    first = payloads[0]
+    for r, p in zip(runs, payloads):
+        if p["tasks"] != first["tasks"] or p["n_test"] != first["n_test"] \
+                or p["settings"].get("test_seed", 0) != first["settings"].get("test_seed", 0):
+            raise SystemExit(f"{r}: other tasks or test examples than {runs[0]}; cannot combine")
+    names = first["tasks"]
+    seeds = [p["settings"].get("seed", 0) for p in payloads]
+    lines = [f"Tasks: {', '.join(names)}; test examples per task: {', '.join(str(first['n_test'][n]) for n in names)} "
+             f"(the same for every seed); seeds {', '.join(map(str, seeds))}; router trained on "
+             f"{first['import_examples']} train examples per task; PEFT vs petmix logits (one adapter, weight 1): "
+             f"max |diff| {max(p['logits_max_abs_diff'] for p in payloads):.2g}; mean ± sample std (n - 1) over seeds", "",
+             "| method | AP | routing acc. | gen. time (s) | " + " | ".join(names) + " |", "|---" * (4 + len(names)) + "|"]
+    for i, row in enumerate(first["rows"]):
+        rows = [p["rows"][i] for p in payloads]
+        if any(r["method"] != row["method"] for r in rows):
+            raise SystemExit(f"row {i}: methods differ between runs ({[r['method'] for r in rows]})")
+        cells = [Summary.of([r["AP"] for r in rows]).cell(), Summary.of([r["routing_acc"] for r in rows]).cell(1),
+                 Summary.of([r["gen_s"] for r in rows]).cell(1)]
+        cells += [Summary.of([r["scores"][n] for r in rows]).cell() for n in names]
+        lines.append(f"| {row['method']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def render(payload: dict[str, Any]) -> str:

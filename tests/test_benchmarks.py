@@ -12,6 +12,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -94,3 +96,25 @@ def test_flop_floor_counts_a_hand_made_model(tiny_llama_path, tmp_path):
     proc = _run([str(ROOT / "benchmarks/flop_floor.py"), "--model", str(tiny_llama_path), "--batch", "2x8",
                  "--labelled", "2"], tmp_path)
     assert "(a) step" in proc.stdout and "(c) step" in proc.stdout
+
+
+def test_vs_arrow_combines_seeds_into_mean_and_std(tmp_path):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import vs_arrow
+
+    def payload(seed: int, ap: float, n_test: int = 3) -> dict:
+        row = {"method": "oracle (own adapter)", "AP": ap, "routing_acc": 100.0, "gen_s": 1.0,
+               "scores": {"a": ap, "b": ap}}
+        return {"tasks": ["a", "b"], "n_test": {"a": n_test, "b": n_test}, "import_examples": 4,
+                "logits_max_abs_diff": 0.0, "rows": [row], "settings": {"seed": seed, "test_seed": 0}}
+
+    runs = []
+    for seed, ap in enumerate([10.0, 20.0, 30.0]):
+        runs.append(tmp_path / f"s{seed}")
+        runs[-1].mkdir()
+        (runs[-1] / "vs_arrow.json").write_text(json.dumps(payload(seed, ap)))
+    table = vs_arrow.combine(runs)
+    assert "| oracle (own adapter) | 20.00 ± 10.00 | 100.0 ± 0.0 |" in table and "seeds 0, 1, 2" in table
+    (runs[2] / "vs_arrow.json").write_text(json.dumps(payload(2, 30.0, n_test=4)))
+    with pytest.raises(SystemExit, match="other tasks or test examples"):
+        vs_arrow.combine(runs)
