@@ -97,7 +97,20 @@ def close(got, want, path="") -> None:
 def test_behaviour_is_unchanged(name, tiny_llama_path, tmp_path):
     if name not in RECORDED:
         pytest.fail(f"no recorded fingerprint for {name}: run python tests/test_behaviour.py")
-    close(fingerprint(tiny_llama_path, name, tmp_path), RECORDED[name], name)
+    got, want = fingerprint(tiny_llama_path, name, tmp_path), RECORDED[name]
+    tensors_close(got.pop("tensors"), want["tensors"], name)
+    close(got, {k: v for k, v in want.items() if k != "tensors"}, name)
+
+
+def tensors_close(got: dict, want: dict, name: str) -> None:
+    """Each tensor's [sum, sum of |values|] as recorded. A signed sum cancels: its float noise scales with
+    the sum of magnitudes, not with itself (attempt-m's router.up.weight sums to 1.1091 over values whose
+    magnitudes sum to 173, and a newer library release moved it across the 4th decimal). So the sum may
+    move by 1e-6 of the magnitudes plus one rounding unit of the recorded 4 decimals; the magnitudes by 1e-5."""
+    assert set(got) == set(want), f"{name}.tensors: keys {sorted(got)} != {sorted(want)}"
+    for key, (total, magnitude) in want.items():
+        assert got[key][1] == pytest.approx(magnitude, rel=1e-5, abs=1e-4), f"{name}.tensors.{key}: {got[key]} != {want[key]}"
+        assert abs(got[key][0] - total) <= 1e-6 * magnitude + 1e-4, f"{name}.tensors.{key}: {got[key]} != {want[key]}"
 
 
 if __name__ == "__main__":
