@@ -160,3 +160,14 @@ def test_tables_written_while_training_count_runs_finished_earlier(tiny_llama_pa
     monkeypatch.setattr(compare_module, "write_tables", lambda rows, *a: (written.append(rows), real(rows, *a)))
     run_comparison(entries, base, make_tasks(2), out, seeds=[0, 1], tasks_for_seed=lambda s: make_tasks(2))
     assert written[0][0]["seeds"] == "2"  # after seed 0 trained: seed 1's earlier run already counted
+
+
+def test_an_entry_still_to_run_is_pending_not_failed():
+    from petmix.compare import csv_table, entry_row, markdown_table
+
+    pending = entry_row("seq-lora", {}, {}, [0], True)
+    failed = entry_row("o-lora", {}, {0: "RuntimeError: boom"}, [0], True)
+    table = markdown_table([pending, failed], ["method", "AP", "note"])
+    assert "| seq-lora | - | not yet run |" in table and "FAILED" not in table.splitlines()[2]
+    assert "| o-lora | - | FAILED: seed 0: RuntimeError: boom |" in table
+    assert "not yet run" in csv_table([pending], ["method", "AP", "note"])

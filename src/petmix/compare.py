@@ -261,7 +261,9 @@ def entry_row(label: str, runs: dict[int, dict[str, Any]], failures: dict[int, s
     (``row["stats"][c]``) and the seeds behind it."""
     finished = [runs[s] for s in seeds if s in runs]
     if not finished:
-        failed = "; ".join(f"seed {s}: {e}" if multi else e for s, e in failures.items()) or "not run"
+        if not failures:  # still to train (tables are written while the others run): pending, not failed
+            return {"label": label, "method": label, "note": "not yet run"}
+        failed = "; ".join(f"seed {s}: {e}" if multi else e for s, e in failures.items())
         return {"label": label, "method": label, "failed": failed}
     first = finished[0]
     values: dict[str, list[Any]] = {}
