@@ -19,22 +19,22 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
 import shutil
 import sys
 from pathlib import Path
 from typing import Any
 
-KEPT = ("results.json", "config.json", "stages.json")
+from petmix.errors import PetmixError
+from petmix.runs import read_json, write_json
 
 
-def _slim(name: str, data: Any) -> Any:
-    if name == "results.json" and isinstance(data, dict):
-        for info in (data.get("per_task") or {}).values():
-            text = info.get("definition") if isinstance(info, dict) else None
-            if text:
-                info["definition"] = "sha256:" + hashlib.sha256(text.encode()).hexdigest()[:16]
-    return data
+def _slim(results: dict[str, Any]) -> dict[str, Any]:
+    """results.json without task text: each task's definition becomes its digest."""
+    for info in (results.get("per_task") or {}).values():
+        text = info.get("definition") if isinstance(info, dict) else None
+        if text:
+            info["definition"] = "sha256:" + hashlib.sha256(text.encode()).hexdigest()[:16]
+    return results
 
 
 def _finished(results: dict[str, Any]) -> bool:
@@ -42,30 +42,23 @@ def _finished(results: dict[str, Any]) -> bool:
     return stages is None or stages == ["joint"] or len(results.get("matrix") or []) >= len(results.get("tasks") or [])
 
 
-def _runs(root: Path) -> list[Path]:
-    """Every finished run folder under ``root`` (floors' zero-shot folder included)."""
-    return sorted(p.parent for p in root.rglob("results.json")
-                  if _finished(json.loads(p.read_text(encoding="utf-8"))))
-
-
 def save(out: Path, dest: Path) -> list[Path]:
+    """Every finished run under ``out`` (the floors' zero-shot folder included) and the majority floors."""
     written = []
-    for run in _runs(out):
-        rel = run.relative_to(out)
-        for name in KEPT:
-            src = run / name
-            if not src.is_file():
-                continue
-            target = dest / rel / name
-            target.parent.mkdir(parents=True, exist_ok=True)
-            target.write_text(json.dumps(_slim(name, json.loads(src.read_text(encoding="utf-8"))), indent=1) + "\n",
-                              encoding="utf-8")
-            written.append(target)
+    for path in sorted(out.rglob("results.json")):
+        results = read_json(path)
+        if not _finished(results):
+            continue
+        target = dest / path.parent.relative_to(out)
+        write_json(target / "results.json", _slim(results))
+        written.append(target / "results.json")
+        for name in ("config.json", "stages.json"):
+            if (path.parent / name).is_file():
+                write_json(target / name, read_json(path.parent / name))
+                written.append(target / name)
     for floor in sorted((out / "floors").glob("majority-seed-*.json")) if (out / "floors").is_dir() else []:
-        target = dest / "floors" / floor.name
-        target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(floor, target)
-        written.append(target)
+        write_json(dest / "floors" / floor.name, read_json(floor))
+        written.append(dest / "floors" / floor.name)
     return written
 
 
@@ -91,6 +84,14 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("archive")
     r.add_argument("runs")
     args = parser.parse_args(argv)
+    try:
+        return _run(args)
+    except PetmixError as err:  # a damaged JSON file, named
+        print(f"archive.py: {err}", file=sys.stderr)
+        return 2
+
+
+def _run(args: argparse.Namespace) -> int:
     if args.cmd == "save":
         if not Path(args.runs).is_dir():
             print(f"archive.py: {args.runs}: no such folder", file=sys.stderr)

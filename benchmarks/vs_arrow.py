@@ -278,11 +278,18 @@ def combine(runs: list[Path]) -> str:
     """Mean ± sample std over seeds of one comparison (same tasks and test examples), row by row."""
     from petmix.stats import Summary
 
+    for r in runs:
+        if not (r / "vs_arrow.json").is_file():
+            raise SystemExit(f"{r}: no vs_arrow.json (not a finished vs_arrow.py run)")
     payloads = [json.loads((r / "vs_arrow.json").read_text(encoding="utf-8")) for r in runs]
     first = payloads[0]
+
+    def test_seed(p: dict[str, Any]) -> int:  # as load_tasks draws it: the seed unless test_seed is set
+        given = p["settings"].get("test_seed")
+        return p["settings"].get("seed", 0) if given is None else given
+
     for r, p in zip(runs, payloads):
-        if p["tasks"] != first["tasks"] or p["n_test"] != first["n_test"] \
-                or p["settings"].get("test_seed", 0) != first["settings"].get("test_seed", 0):
+        if p["tasks"] != first["tasks"] or p["n_test"] != first["n_test"] or test_seed(p) != test_seed(first):
             raise SystemExit(f"{r}: other tasks or test examples than {runs[0]}; cannot combine")
     names = first["tasks"]
     seeds = [p["settings"].get("seed", 0) for p in payloads]
