@@ -5,16 +5,29 @@
 # reflection at all (kl_ratio 0). Same stream, settings and test examples as benchmarks/routing.sh.
 # Resumable. Needs ../shared/data. Run it from a checkout nobody edits meanwhile (see routing.sh).
 #   STREAM=long4 SEEDS=0 bash benchmarks/reflection.sh
+#   STREAM=long4-shared SEEDS=0 bash benchmarks/reflection.sh   (the Long stream issue 12 names)
 # Output: runs/bench/reflection-<stream>/{table.md,per_task.md,<entry>/seed-<s>/...}
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source benchmarks/kept.sh
 [ -d ../shared/data/CL_Benchmark ] || { echo "needs ../shared/data/CL_Benchmark (the benchmark data)"; exit 2; }
 stream=${STREAM:-long4}
+extra=()
 case $stream in
   superni5) config=benchmarks/configs/superni5_cpu.yaml ;;
   long4) config=benchmarks/configs/long4_cpu.yaml ;;
-  *) echo "unknown stream $stream (superni5 or long4)"; exit 2 ;;
+  long4-shared) config=benchmarks/configs/long4_cpu.yaml; extra=(--stream long4-shared) ;;
+  *) echo "unknown stream $stream (superni5, long4 or long4-shared)"; exit 2 ;;
 esac
-kept_compare "runs/bench/reflection-$stream" --config "$config" --seeds "${SEEDS:-0}" --no-floors \
+# The sapt-lora entry has exactly routing.sh's settings: a seed routing.sh finished (kept in the archive)
+# is read from there instead of trained again (compare checks its config.json against these settings).
+kept="${ARCHIVE:-benchmarks/results/runs}"
+seeds=${SEEDS:-0}
+for seed in ${seeds//,/ }; do
+  from="$kept/routing-$stream/sapt-lora/seed-$seed"
+  if [ -f "$from/results.json" ]; then
+    .venv/bin/python benchmarks/archive.py restore "$from" "runs/bench/reflection-$stream/sapt-lora/seed-$seed"
+  fi
+done
+kept_compare "runs/bench/reflection-$stream" --config "$config" "${extra[@]}" --seeds "${SEEDS:-0}" --no-floors \
   --methods "sapt-lora,arm-generated=sapt-lora:replay_source=generated,arm-real=sapt-lora:replay_source=real,no-arm=sapt-lora:kl_ratio=0"
