@@ -4,7 +4,7 @@ A benchmark table takes more 2-core hours than one working session has, and a se
 fresh clone: run folders under runs/ are gone. `petmix compare` counts a run as finished from its
 results.json (and checks its config.json against the entry's settings), so those two files, with
 stages.json and the floors' caches, are all a later `compare` needs to read the run instead of training
-it again. No weights, no predictions, no task text (each task's definition is replaced by its digest):
+it again. A `petmix tune` folder is kept the same way: its candidates are runs, plus its tuned.yaml. No weights, no predictions, no task text (each task's definition is replaced by its digest):
 the archive is small and holds nothing of the benchmark data.
 
     .venv/bin/python benchmarks/archive.py save runs/bench/routing-superni5 benchmarks/results/runs/routing-superni5
@@ -26,6 +26,8 @@ from typing import Any
 
 from petmix.errors import PetmixError
 from petmix.runs import read_json, write_json
+
+TUNED = "tuned.yaml"  # written by `petmix tune` at the top of its --out folder
 
 
 def _slim(results: dict[str, Any]) -> dict[str, Any]:
@@ -59,12 +61,18 @@ def save(out: Path, dest: Path) -> list[Path]:
     for floor in sorted((out / "floors").glob("majority-seed-*.json")) if (out / "floors").is_dir() else []:
         write_json(dest / "floors" / floor.name, read_json(floor))
         written.append(dest / "floors" / floor.name)
+    if (out / TUNED).is_file():  # `petmix tune`'s choices; its candidates are runs, kept above
+        dest.mkdir(parents=True, exist_ok=True)
+        tmp = dest / f".{TUNED}.tmp"
+        shutil.copyfile(out / TUNED, tmp)
+        tmp.replace(dest / TUNED)
+        written.append(dest / TUNED)
     return written
 
 
 def restore(dest: Path, out: Path) -> list[Path]:
     written = []
-    for src in sorted(dest.rglob("*.json")):
+    for src in sorted([*dest.rglob("*.json"), *dest.glob(TUNED)]):
         target = out / src.relative_to(dest)
         if target.exists():
             continue

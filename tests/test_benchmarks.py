@@ -81,6 +81,29 @@ def test_archive_lets_a_fresh_folder_read_finished_runs_instead_of_training(tiny
     assert archive.restore(tmp_path / "archive", tmp_path / "b") == []  # never overwrites
 
 
+def test_archive_keeps_a_tuning_folder_choices_and_candidates(tmp_path):
+    """`petmix tune`'s folder: finished candidates (runs) and tuned.yaml survive a fresh clone; an
+    unfinished candidate is not kept."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import archive
+
+    tune = tmp_path / "tune"
+    for name, rows in (("lr-0.001", 2), ("lr-0.003", 1)):
+        run = tune / "lora" / name
+        run.mkdir(parents=True)
+        results = {"tasks": ["a", "b"], "stage_names": ["a", "b"], "matrix": [[1.0]] * rows, "metrics": {"AP": 1.0}}
+        (run / "results.json").write_text(json.dumps(results))
+        (run / "config.json").write_text(json.dumps({"lr": float(name[3:])}))
+    (tune / "tuned.yaml").write_text("methods:\n  lora:\n    settings: {lr: 0.001}\n")
+    saved = archive.save(tune, tmp_path / "archive")
+    assert {str(p.relative_to(tmp_path / "archive")) for p in saved} == {
+        "lora/lr-0.001/results.json", "lora/lr-0.001/config.json", "tuned.yaml"}
+    archive.restore(tmp_path / "archive", tmp_path / "fresh")
+    assert (tmp_path / "fresh" / "tuned.yaml").read_text() == (tune / "tuned.yaml").read_text()
+    assert (tmp_path / "fresh" / "lora" / "lr-0.001" / "results.json").is_file()
+    assert not (tmp_path / "fresh" / "lora" / "lr-0.003").exists()
+
+
 def test_flop_floor_counts_a_hand_made_model(tiny_llama_path, tmp_path):
     sys.path.insert(0, str(ROOT / "benchmarks"))
     import flop_floor

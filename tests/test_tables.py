@@ -171,3 +171,19 @@ def test_an_entry_still_to_run_is_pending_not_failed():
     assert "| seq-lora | - | not yet run |" in table and "FAILED" not in table.splitlines()[2]
     assert "| o-lora | - | FAILED: seed 0: RuntimeError: boom |" in table
     assert "not yet run" in csv_table([pending], ["method", "AP", "note"])
+
+
+def test_tuner_refuses_a_finished_candidate_with_other_settings(tiny_llama_path, tmp_path, capsys):
+    """A candidate read back (from an earlier run or an archive) must have been trained with these
+    settings, or its score would be passed off as theirs."""
+    run = tmp_path / "tune" / "lora" / "lr-0.0001"
+    run.mkdir(parents=True)
+    (run / "results.json").write_text(json.dumps({"matrix": [[50.0]], "metrics": {"AP": 50.0}}))
+    (run / "config.json").write_text(json.dumps({"method": "lora", "lr": 1e-4, "epochs": 7, "tasks": ["tinysent"]}))
+    argv = ["tune", "--methods", "lora", "--model", str(tiny_llama_path), "--data", str(CL), "--tasks", "tinysent",
+            "--tune-tasks", "1", "--lr-grid", "1e-4,5e-2", "--epochs", "1", "--batch-size", "4",
+            "--max-new-tokens", "3", "--out", str(tmp_path / "tune")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert str(run) in err and "epochs" in err
+    assert not (tmp_path / "tune" / "lora" / "lr-0.05").exists()  # stopped before training anything
