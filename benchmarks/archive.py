@@ -61,6 +61,9 @@ def save(out: Path, dest: Path) -> list[Path]:
     for floor in sorted((out / "floors").glob("majority-seed-*.json")) if (out / "floors").is_dir() else []:
         write_json(dest / "floors" / floor.name, read_json(floor))
         written.append(dest / "floors" / floor.name)
+    if (out / "compare.json").is_file():  # the comparison's record: it marks the folder as petmix's own
+        write_json(dest / "compare.json", read_json(out / "compare.json"))
+        written.append(dest / "compare.json")
     if (out / TUNED).is_file():  # `petmix tune`'s choices; its candidates are runs, kept above
         dest.mkdir(parents=True, exist_ok=True)
         tmp = dest / f".{TUNED}.tmp"

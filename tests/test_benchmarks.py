@@ -68,7 +68,7 @@ def test_archive_lets_a_fresh_folder_read_finished_runs_instead_of_training(tiny
     first = compare.run_comparison(entries, base, tasks, tmp_path / "a", seeds=[0], floors=True)
     saved = archive.save(tmp_path / "a", tmp_path / "archive")
     assert not any(p.suffix != ".json" for p in saved)  # no weights, no predictions
-    assert {p.name for p in saved} >= {"results.json", "config.json", "stages.json", "majority-seed-0.json"}
+    assert {p.name for p in saved} >= {"results.json", "config.json", "stages.json", "majority-seed-0.json", "compare.json"}
     assert archive.restore(tmp_path / "archive", tmp_path / "b")
 
     def refuse(*args, **kwargs):
@@ -79,6 +79,28 @@ def test_archive_lets_a_fresh_folder_read_finished_runs_instead_of_training(tiny
     again = compare.run_comparison(entries, base, tasks, tmp_path / "b", seeds=[0], floors=True)
     assert [(r["label"], r["AP"]) for r in again] == [(r["label"], r["AP"]) for r in first]
     assert archive.restore(tmp_path / "archive", tmp_path / "b") == []  # never overwrites
+
+
+def test_a_folder_put_back_from_the_archive_is_accepted_as_out(tmp_path):
+    """A comparison run with --no-floors leaves only its entries' run folders (and compare.json, which the
+    archive now keeps too); either way `--out` must accept the restored folder, and still refuse a
+    foreign one."""
+    from petmix.errors import PetmixError
+    from petmix.runs import check_out_dir
+
+    restored = tmp_path / "restored"
+    (restored / "sapt-lora" / "seed-0").mkdir(parents=True)
+    (restored / "sapt-lora" / "seed-0" / "config.json").write_text("{}")
+    assert check_out_dir(str(restored)) == restored
+    single = tmp_path / "single"
+    (single / "sapt-lora").mkdir(parents=True)
+    (single / "sapt-lora" / "config.json").write_text("{}")
+    assert check_out_dir(str(single)) == single
+    foreign = tmp_path / "foreign"
+    (foreign / "photos").mkdir(parents=True)
+    (foreign / "photos" / "config.json.bak").write_text("x")
+    with pytest.raises(PetmixError, match="not a petmix run"):
+        check_out_dir(str(foreign))
 
 
 def test_archive_keeps_a_tuning_folder_choices_and_candidates(tmp_path):

@@ -175,7 +175,14 @@ def check_run_folder(run_dir: str | Path) -> None:
 # Names petmix itself puts in a run, comparison or library folder: an existing --out holding
 # none of them (and other files) is somebody else's folder.
 _OUR_NAMES = {"config.json", "results.json", "state", "state.prev", "log.txt", "index.json", "table.md", "run",
-              "stages.json", "predictions", "checkpoints", "adapters.safetensors"}
+              "stages.json", "predictions", "checkpoints", "adapters.safetensors",
+              "compare.json", "floors", "tuned.yaml"}  # a comparison's and a tuning's own files
+
+
+def _holds_runs(path: Path) -> bool:
+    """A comparison's folder put back from an archive (benchmarks/archive.py) may hold only its entries'
+    runs: ``<entry>/config.json`` or ``<entry>/seed-<s>/config.json``."""
+    return any(p.is_file() for pattern in ("*/config.json", "*/seed-*/config.json") for p in path.glob(pattern))
 
 
 def check_out_dir(text: str | None, flag: str = "--out") -> Path:
@@ -190,7 +197,7 @@ def check_out_dir(text: str | None, flag: str = "--out") -> Path:
         raise PetmixError(f"{flag} {text}: is a file, not a folder; give a folder path")
     if path.is_dir():
         entries = {p.name for p in path.iterdir()}
-        if entries and not entries & _OUR_NAMES:
+        if entries and not entries & _OUR_NAMES and not _holds_runs(path):
             raise PetmixError(f"{flag} {text}: the folder holds files that are not a petmix run "
                               f"({', '.join(sorted(entries)[:5])}); give a new or empty folder")
         try:  # another petmix process writing there: say so now, not after the model has loaded
