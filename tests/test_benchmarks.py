@@ -81,6 +81,18 @@ def test_archive_lets_a_fresh_folder_read_finished_runs_instead_of_training(tiny
     assert archive.restore(tmp_path / "archive", tmp_path / "b") == []  # never overwrites
 
 
+def test_the_archive_folder_is_not_git_ignored():
+    """The archive only helps a fresh clone if it is committed: `runs/` is ignored, the archive under
+    benchmarks/results/runs/ must not be (it was, for a whole session, unnoticed)."""
+    if not (ROOT / ".git").exists():
+        pytest.skip("not a git checkout")
+    probe = "benchmarks/results/runs/some-table/some-entry/seed-0/results.json"
+    proc = subprocess.run(["git", "check-ignore", "-q", probe], cwd=ROOT)
+    assert proc.returncode == 1, f"{probe} is git-ignored"
+    proc = subprocess.run(["git", "check-ignore", "-q", "runs/bench/x/results.json"], cwd=ROOT)
+    assert proc.returncode == 0, "run folders under runs/ should stay ignored"
+
+
 def test_a_folder_put_back_from_the_archive_is_accepted_as_out(tmp_path):
     """A comparison run with --no-floors leaves only its entries' run folders (and compare.json, which the
     archive now keeps too); either way `--out` must accept the restored folder, and still refuse a
