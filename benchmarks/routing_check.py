@@ -2,7 +2,9 @@
 
 The harder check of docs/results.md: the router is a learned function of the input's features, so it
 should still find the task when the definition (the instruction text every input of a task shares) is
-left out of the prompt. Usage:
+left out of the prompt. For a run that reflected on generated pseudo-inputs (SAPT's ARM with
+replay_source generated) it also routes those pseudo-inputs with the final router: their routing accuracy
+and how far their mean weights lie from those of the same task's real test inputs (issue 12, part 3). Usage:
 
     .venv/bin/python benchmarks/routing_check.py runs/bench/superni5/sapt-lora [more runs...]
 """
@@ -18,6 +20,11 @@ from petmix.data.loaders import load_tasks
 from petmix.data.streams import resolve_stream
 from petmix.data.templates import format_prompt
 from petmix.metrics import routing_accuracy
+from petmix.replay.generator import load_pseudo_inputs
+
+
+def _mean(rows: list[list[float]]) -> list[float]:
+    return [sum(col) / len(rows) for col in zip(*rows)]
 
 
 def check(run: str) -> dict[str, dict[str, float | None]]:
@@ -38,6 +45,18 @@ def check(run: str) -> dict[str, dict[str, float | None]]:
         out[variant] = {"routing_accuracy": round(sum(accs) / len(accs), 2),
                         "own_weight": round(sum(owns) / len(owns), 4),
                         "per_task": dict(zip(cfg["tasks"], accs))}
+    pseudo: dict[str, dict[str, float | None]] = {}
+    for j, task in enumerate(tasks):
+        inputs = load_pseudo_inputs(run, task.name)
+        if not inputs:
+            continue
+        fake = [[r[n] for n in model.block_names] for r in model.route([format_prompt(task, x) for x in inputs])]
+        real = [[r[n] for n in model.block_names] for r in model.route([format_prompt(task, ex.input) for ex in task.test])]
+        got = routing_accuracy(fake, j)
+        pseudo[task.name] = {"n": len(inputs), "routing_accuracy": got["accuracy"], "own_weight": got["own_weight"],
+                             "max_diff_of_mean_weights_vs_real": round(max(abs(a - b) for a, b in zip(_mean(fake), _mean(real))), 4)}
+    if pseudo:
+        out["generated pseudo-inputs"] = pseudo
     return out
 
 
