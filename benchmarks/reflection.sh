@@ -21,10 +21,10 @@ case $stream in
 esac
 # The sapt-lora entry has exactly routing.sh's settings: a seed routing.sh finished (kept in the archive)
 # is read from there instead of trained again (compare checks its config.json against these settings).
-kept="${ARCHIVE:-benchmarks/results/runs}"
+archive="${ARCHIVE:-benchmarks/results/runs}"
 seeds=${SEEDS:-0}
 for seed in ${seeds//,/ }; do
-  from="$kept/routing-$stream/sapt-lora/seed-$seed"
+  from="$archive/routing-$stream/sapt-lora/seed-$seed"
   if [ -f "$from/results.json" ]; then
     .venv/bin/python benchmarks/archive.py restore "$from" "runs/bench/reflection-$stream/sapt-lora/seed-$seed"
   fi

@@ -18,6 +18,7 @@ import json
 import petmix
 from petmix.data.loaders import load_tasks
 from petmix.data.streams import resolve_stream
+from petmix.data.task import Task
 from petmix.data.templates import format_prompt
 from petmix.metrics import routing_accuracy
 from petmix.replay.generator import load_pseudo_inputs
@@ -33,13 +34,19 @@ def check(run: str) -> dict[str, dict[str, float | None]]:
     specs = resolve_stream(cfg["stream"]) if cfg.get("stream") else cfg["tasks"]  # bigbench: specs, not names
     tasks = load_tasks(specs, cfg.get("data"), max_train=cfg.get("max_train"), max_test=cfg.get("max_test"),
                        seed=cfg.get("seed", 0), test_seed=cfg.get("test_seed"))  # the run's own test examples
+    def weights(task: Task, inputs: list[str]) -> list[list[float]]:
+        return [[r[name] for name in model.block_names] for r in model.route([format_prompt(task, x) for x in inputs])]
+
     out: dict[str, dict[str, float | None]] = {}
+    real: dict[str, list[list[float]]] = {}  # the test inputs' weights, as the run saw them (with definition)
     for variant in ("with definition", "without definition"):
         accs, owns = [], []
         for j, task in enumerate(tasks):
             shown = task if variant == "with definition" else dataclasses.replace(task, definition="")
-            rows = model.route([format_prompt(shown, ex.input) for ex in task.test])
-            got = routing_accuracy([[r[name] for name in model.block_names] for r in rows], j)
+            rows = weights(shown, [ex.input for ex in task.test])
+            if variant == "with definition":
+                real[task.name] = rows
+            got = routing_accuracy(rows, j)
             accs.append(got["accuracy"])
             owns.append(got["own_weight"])
         out[variant] = {"routing_accuracy": round(sum(accs) / len(accs), 2),
@@ -50,11 +57,11 @@ def check(run: str) -> dict[str, dict[str, float | None]]:
         inputs = load_pseudo_inputs(run, task.name)
         if not inputs:
             continue
-        fake = [[r[n] for n in model.block_names] for r in model.route([format_prompt(task, x) for x in inputs])]
-        real = [[r[n] for n in model.block_names] for r in model.route([format_prompt(task, ex.input) for ex in task.test])]
+        fake = weights(task, inputs)
         got = routing_accuracy(fake, j)
+        gap = max(abs(a - b) for a, b in zip(_mean(fake), _mean(real[task.name])))
         pseudo[task.name] = {"n": len(inputs), "routing_accuracy": got["accuracy"], "own_weight": got["own_weight"],
-                             "max_diff_of_mean_weights_vs_real": round(max(abs(a - b) for a, b in zip(_mean(fake), _mean(real))), 4)}
+                             "max_diff_of_mean_weights_vs_real": round(gap, 4)}
     if pseudo:
         out["generated pseudo-inputs"] = pseudo
     return out

@@ -25,7 +25,7 @@ from petmix.errors import PetmixError
 from petmix.methods import METHODS, get_method
 from petmix.runs import holding, read_json, write_json
 from petmix.stats import NOISE_RULE, Summary, within_noise
-from petmix.train import TrainConfig, Trainer, settings_diff, stages_wall_seconds
+from petmix.train import TrainConfig, Trainer, run_settings_diff, stages_wall_seconds
 
 log = logging.getLogger(__name__)
 
@@ -84,15 +84,6 @@ def _value(text: str) -> Any:
 def _finished(out: Path, expected_rows: int) -> bool:
     path = out / "results.json"
     return path.is_file() and len(read_json(path).get("matrix", [])) == expected_rows
-
-
-def run_settings_diff(run_dir: Path, cfg: TrainConfig, task_names: list[str]) -> list[str]:
-    """``train.settings_diff`` of the run in ``run_dir`` (empty if it holds none yet): a finished run
-    with other settings must not be read into a table as if it had these."""
-    path = run_dir / "config.json"
-    if not path.is_file():
-        return []
-    return settings_diff(read_json(path), {**cfg.to_dict(), "tasks": task_names})
 
 
 def note_for(results: dict[str, Any]) -> str:

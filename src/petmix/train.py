@@ -70,6 +70,15 @@ def settings_diff(old: dict[str, Any], resolved: dict[str, Any]) -> list[str]:
     return sorted(k for k in resolved if k not in RESUMABLE_CHANGES and k in old and old[k] != resolved[k])
 
 
+def run_settings_diff(run_dir: Path, cfg: TrainConfig, task_names: list[str]) -> list[str]:
+    """``settings_diff`` of the run in ``run_dir`` (empty if it holds none yet): a finished run with
+    other settings must not be read (into a table, or as a tuning candidate's score) as if it had these."""
+    path = run_dir / "config.json"
+    if not path.is_file():
+        return []
+    return settings_diff(read_json(path), {**cfg.to_dict(), "tasks": task_names})
+
+
 def routing_summary(rows: list[dict[str, Any]], names: list[str]) -> dict[str, Any]:
     """Routing accuracy per stage and task (``per_stage[i][j]``, None where task j was not evaluated),
     and its mean over the tasks of the last stage (``final``), with the mean own-block weight."""

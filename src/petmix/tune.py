@@ -25,7 +25,7 @@ from petmix.data.task import Task, cap, split_off
 from petmix.errors import PetmixError
 from petmix.methods import get_method
 from petmix.runs import read_json
-from petmix.train import TrainConfig, Trainer, settings_diff
+from petmix.train import TrainConfig, Trainer, run_settings_diff
 
 log = logging.getLogger(__name__)
 
@@ -104,8 +104,8 @@ def tune_method(method: str, base: dict[str, Any], tasks: list[Task], out: str |
         run = out / name
         expected = 1 if get_method(method).joint else len(tasks)
         done = (run / "results.json").is_file() and len(read_json(run / "results.json")["matrix"]) == expected
-        if done and (run / "config.json").is_file():  # a candidate finished earlier (or kept in an archive)
-            diff = settings_diff(read_json(run / "config.json"), {**cfg.to_dict(), "tasks": [t.name for t in tasks]})
+        if done:  # a candidate finished earlier (or kept in an archive) must have these settings
+            diff = run_settings_diff(run, cfg, [t.name for t in tasks])
             if diff:
                 raise PetmixError(f"{run} holds a finished candidate with other settings ({', '.join(diff)}); "
                                   "use a new --out or the same settings")
