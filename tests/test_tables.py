@@ -187,3 +187,19 @@ def test_tuner_refuses_a_finished_candidate_with_other_settings(tiny_llama_path,
     err = capsys.readouterr().err
     assert str(run) in err and "epochs" in err
     assert not (tmp_path / "tune" / "lora" / "lr-0.05").exists()  # stopped before training anything
+
+
+def test_tuner_checks_every_kept_candidate_before_training(tiny_llama_path, tmp_path, capsys):
+    """A mismatched candidate later in the grid (here the second learning rate) is refused before the
+    first candidate trains, not after."""
+    run = tmp_path / "tune" / "lora" / "lr-0.05"
+    run.mkdir(parents=True)
+    (run / "results.json").write_text(json.dumps({"matrix": [[50.0]], "metrics": {"AP": 50.0}}))
+    (run / "config.json").write_text(json.dumps({"method": "lora", "lr": 5e-2, "epochs": 7, "tasks": ["tinysent"]}))
+    argv = ["tune", "--methods", "lora", "--model", str(tiny_llama_path), "--data", str(CL), "--tasks", "tinysent",
+            "--tune-tasks", "1", "--lr-grid", "1e-4,5e-2", "--epochs", "1", "--batch-size", "4",
+            "--max-new-tokens", "3", "--out", str(tmp_path / "tune")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert str(run) in err and "epochs" in err
+    assert not (tmp_path / "tune" / "lora" / "lr-0.0001").exists()  # nothing trained

@@ -355,7 +355,14 @@ def cmd_tune(args: argparse.Namespace) -> int:
     from petmix.data.loaders import load_tasks
     from petmix.data.streams import resolve_stream
     from petmix.runs import setup_logging
-    from petmix.tune import command_line, tune_method, tuned_table, validation_tasks, write_tuned
+    from petmix.tune import (
+        check_kept_candidates,
+        command_line,
+        tune_method,
+        tuned_table,
+        validation_tasks,
+        write_tuned,
+    )
 
     out = Path(args.out)
     setup_logging(out, args.verbose)
@@ -374,6 +381,8 @@ def cmd_tune(args: argparse.Namespace) -> int:
               "selected_on": {"tasks": [t.name for t in tasks], "validation": {t.name: len(t.test) for t in tasks},
                               "train": {t.name: len(t.train) for t in tasks}, "fraction": args.val_fraction,
                               "seed": cfg.seed, "split": "carved from each task's train split; test never read"}}
+    for method in methods:  # every kept candidate is checked before the first one trains
+        check_kept_candidates(method, base, tasks, out)
     for method in methods:
         result = tune_method(method, base, tasks, out, lrs=_float_list(args.lr_grid, "--lr-grid"),
                              options=_float_list(args.option_grid, "--option-grid"))

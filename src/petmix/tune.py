@@ -82,6 +82,21 @@ def _fmt(v: Any) -> str:
     return f"{v:g}" if isinstance(v, float) else str(v)
 
 
+def check_kept_candidates(method: str, base: dict[str, Any], tasks: list[Task], out: str | Path) -> None:
+    """Refuse, before anything trains, a finished candidate under ``out/<method>`` (from an earlier run
+    or an archive) whose settings differ from these in more than what the search varies."""
+    cfg = TrainConfig.from_dict({**base, "method": method}, f"tune {method}")
+    searched = {"lr", *([option_grid(method)[0]] if option_grid(method) else [])}
+    expected = 1 if get_method(method).joint else len(tasks)
+    for results in sorted((Path(out) / method).glob("*/results.json")):
+        if len(read_json(results).get("matrix") or []) != expected:
+            continue
+        diff = [k for k in run_settings_diff(results.parent, cfg, [t.name for t in tasks]) if k not in searched]
+        if diff:
+            raise PetmixError(f"{results.parent} holds a finished candidate with other settings ({', '.join(diff)}); "
+                              "use a new --out or the same settings")
+
+
 def tune_method(method: str, base: dict[str, Any], tasks: list[Task], out: str | Path, *,
                 lrs: list[float] | None = None, options: list[Any] | None = None) -> dict[str, Any]:
     """Search ``method``'s learning rate, then its option, on ``tasks`` (already validation tasks: see
