@@ -173,17 +173,24 @@ def test_an_entry_still_to_run_is_pending_not_failed():
     assert "not yet run" in csv_table([pending], ["method", "AP", "note"])
 
 
+def _tune_beside_a_mismatched_candidate(model: Path, tmp_path: Path, kept: str, lr: float) -> tuple[int, Path]:
+    """`petmix tune` (lr grid 1e-4, 5e-2) into a folder already holding a finished candidate ``kept``
+    whose recorded settings differ (epochs 7 against 1)."""
+    run = tmp_path / "tune" / "lora" / kept
+    run.mkdir(parents=True)
+    (run / "results.json").write_text(json.dumps({"matrix": [[50.0]], "metrics": {"AP": 50.0}}))
+    (run / "config.json").write_text(json.dumps({"method": "lora", "lr": lr, "epochs": 7, "tasks": ["tinysent"]}))
+    argv = ["tune", "--methods", "lora", "--model", str(model), "--data", str(CL), "--tasks", "tinysent",
+            "--tune-tasks", "1", "--lr-grid", "1e-4,5e-2", "--epochs", "1", "--batch-size", "4",
+            "--max-new-tokens", "3", "--out", str(tmp_path / "tune")]
+    return main(argv), run
+
+
 def test_tuner_refuses_a_finished_candidate_with_other_settings(tiny_llama_path, tmp_path, capsys):
     """A candidate read back (from an earlier run or an archive) must have been trained with these
     settings, or its score would be passed off as theirs."""
-    run = tmp_path / "tune" / "lora" / "lr-0.0001"
-    run.mkdir(parents=True)
-    (run / "results.json").write_text(json.dumps({"matrix": [[50.0]], "metrics": {"AP": 50.0}}))
-    (run / "config.json").write_text(json.dumps({"method": "lora", "lr": 1e-4, "epochs": 7, "tasks": ["tinysent"]}))
-    argv = ["tune", "--methods", "lora", "--model", str(tiny_llama_path), "--data", str(CL), "--tasks", "tinysent",
-            "--tune-tasks", "1", "--lr-grid", "1e-4,5e-2", "--epochs", "1", "--batch-size", "4",
-            "--max-new-tokens", "3", "--out", str(tmp_path / "tune")]
-    assert main(argv) == 2
+    rc, run = _tune_beside_a_mismatched_candidate(tiny_llama_path, tmp_path, "lr-0.0001", 1e-4)
+    assert rc == 2
     err = capsys.readouterr().err
     assert str(run) in err and "epochs" in err
     assert not (tmp_path / "tune" / "lora" / "lr-0.05").exists()  # stopped before training anything
@@ -192,14 +199,8 @@ def test_tuner_refuses_a_finished_candidate_with_other_settings(tiny_llama_path,
 def test_tuner_checks_every_kept_candidate_before_training(tiny_llama_path, tmp_path, capsys):
     """A mismatched candidate later in the grid (here the second learning rate) is refused before the
     first candidate trains, not after."""
-    run = tmp_path / "tune" / "lora" / "lr-0.05"
-    run.mkdir(parents=True)
-    (run / "results.json").write_text(json.dumps({"matrix": [[50.0]], "metrics": {"AP": 50.0}}))
-    (run / "config.json").write_text(json.dumps({"method": "lora", "lr": 5e-2, "epochs": 7, "tasks": ["tinysent"]}))
-    argv = ["tune", "--methods", "lora", "--model", str(tiny_llama_path), "--data", str(CL), "--tasks", "tinysent",
-            "--tune-tasks", "1", "--lr-grid", "1e-4,5e-2", "--epochs", "1", "--batch-size", "4",
-            "--max-new-tokens", "3", "--out", str(tmp_path / "tune")]
-    assert main(argv) == 2
+    rc, run = _tune_beside_a_mismatched_candidate(tiny_llama_path, tmp_path, "lr-0.05", 5e-2)
+    assert rc == 2
     err = capsys.readouterr().err
     assert str(run) in err and "epochs" in err
     assert not (tmp_path / "tune" / "lora" / "lr-0.0001").exists()  # nothing trained
