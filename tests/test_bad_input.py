@@ -152,7 +152,7 @@ CASES: list[tuple[str, object, tuple[str, ...], object]] = [
      lambda: (Path("mine").mkdir(), Path("mine/thesis.tex").write_text("x"))),
     # ---- train: YAML ------------------------------------------------------------------------------
     ("yaml-epochs-list", _yaml("epochs: [1, 2]\n"), ("cfg.yaml", "epochs"), None),
-    ("yaml-lr-null", _yaml("lr: null\n"), ("cfg.yaml", "lr"), None),
+    ("yaml-lr-word", _yaml("lr: fast\n"), ("cfg.yaml", "lr"), None),  # null: the method's own rate
     ("yaml-tasks-int", _yaml("tasks: 5\n"), ("cfg.yaml", "tasks"), None),
     ("yaml-batch-float", _yaml("batch_size: 2.5\n"), ("cfg.yaml", "batch_size", "whole number"), None),
     ("yaml-model-int", _yaml("model: 123\n"), ("cfg.yaml", "model"), None),

@@ -204,3 +204,36 @@ def test_tuner_checks_every_kept_candidate_before_training(tiny_llama_path, tmp_
     err = capsys.readouterr().err
     assert str(run) in err and "epochs" in err
     assert not (tmp_path / "tune" / "lora" / "lr-0.0001").exists()  # nothing trained
+
+
+def test_an_unset_lr_is_the_methods_own_and_a_set_one_wins(tiny_llama_path, tmp_path, monkeypatch):
+    from petmix.compare import entry_values
+    from petmix.config import TrainConfig
+
+    assert TrainConfig(method="prompt-tuning").lr == 3e-2  # raw soft prompt
+    assert TrainConfig(method="attempt", sources=["x"]).lr == 3e-2  # G trains with its prompt
+    assert TrainConfig(method="sapt-lora").lr == 1e-3
+    assert TrainConfig(method="p-tuning").lr == 1e-3  # a prompt behind an encoder
+    assert TrainConfig(method="prompt-tuning", prompt_encoder="mlp").lr == 1e-3
+    assert TrainConfig(method="full-ft").lr == 5e-5
+    assert TrainConfig(method="prompt-tuning", lr=0.5).lr == 0.5
+
+    class Stop(Exception):
+        pass
+
+    seen: dict[str, float] = {}
+
+    def fake_comparison(entries, base, *args, **kwargs):
+        for e in entries:
+            seen[e.label] = TrainConfig.from_dict(entry_values(e, base, {}), check_files=False).lr
+        raise Stop
+
+    monkeypatch.setattr("petmix.compare.run_comparison", fake_comparison)
+    argv = ["compare", "--methods", "prompt-tuning,lora,full-ft,pt-slow=prompt-tuning:lr=1e-3",
+            "--tasks", str(Path(__file__).parent / "fixtures" / "generic_folder"), "--model", str(tiny_llama_path)]
+    with pytest.raises(Stop):  # no lr set: each entry trains at its own method's rate
+        main([*argv, "--out", str(tmp_path / "a")])
+    assert seen == {"prompt-tuning": 3e-2, "lora": 1e-3, "full-ft": 5e-5, "pt-slow": 1e-3}
+    with pytest.raises(Stop):  # --lr sets every entry's, and an entry's own value still wins
+        main([*argv, "--lr", "2e-3", "--out", str(tmp_path / "b")])
+    assert seen == {"prompt-tuning": 2e-3, "lora": 2e-3, "full-ft": 2e-3, "pt-slow": 1e-3}

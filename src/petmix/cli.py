@@ -313,7 +313,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
     if seeds:
         tasks = tasks_for_seed(cfg.seed)
-    base = {k: v for k, v in cfg.to_dict().items() if k != "method"}
+    # An lr left unset stays unset: each entry then trains at its own method's default rate.
+    base = {k: v for k, v in cfg.to_dict().items() if k != "method" and (k != "lr" or "lr" in cfg.explicit)}
     tuned = load_tuned(args.tuned) if getattr(args, "tuned", None) else {}
     record = {"command": command_line(getattr(args, "argv", None)), "tuned_file": getattr(args, "tuned", None)}
     rows = run_comparison(entries, base, tasks, out, seeds=seeds, tasks_for_seed=tasks_for_seed, tuned=tuned,
@@ -450,6 +451,7 @@ def _describe_method(m: Any) -> None:
     print(f"  blocks: {m.block}, {blocks}" + (", one joint stage on all tasks" if m.joint else "")
           + (", each task from the same start (single-task)" if m.independent else ""))
     print(f"  router: {m.routing}" + (" (task id given at test)" if m.task_id_at_test else " (no task id at test)"))
+    print(f"  default lr: {m.default_lr():g} ({m.lr_kind()}; --lr sets another, `petmix tune` picks one on train)")
     if m.needs_sources:
         print("  needs source prompts: --sources (see `petmix sources train`)")
     if m.options is None:

@@ -35,8 +35,10 @@ class TrainConfig:
     tasks: list[str] = setting(help="comma-separated task names or folders, in stream order", factory=list)
     stream: str | None = setting(None, "named stream instead of tasks (default, superni-order1, ...)")
     epochs: float = setting(1.0, "epochs per task (fractions allowed)", gt=0, le=1e6)
-    # SmolLM2-135M's LoRA rate at CPU budgets (the paper: 3e-4 T5, 5e-5 LLaMA; configs/paper)
-    lr: float = setting(1e-3, "learning rate (constant)", gt=0)
+    # None: the method's own (petmix.methods.base.DEFAULT_LRS, chosen by `petmix tune` on the default model;
+    # 1e-3 for LoRA at CPU budgets, where the paper has 3e-4 T5, 5e-5 LLaMA: configs/paper)
+    lr: float | None = setting(None, "learning rate (constant); default the method's: 3e-2 raw soft prompts, 1e-3 "
+                                     "LoRA, BitFit and prompt encoders, 5e-5 full weights", gt=0)
     batch_size: int = setting(8, "examples per micro-batch", ge=1)
     grad_accum: int = setting(1, "micro-batches per optimiser step", ge=1)
     max_train: int | None = setting(None, "cap on training examples per task", ge=1)
@@ -100,6 +102,7 @@ class TrainConfig:
     def __init__(self, **values: Any):
         """Generic settings by keyword, and any registered method's options (``kl_ratio=0.1``)."""
         options = option_fields()
+        self.explicit = frozenset(values)  # the keys given, not defaulted (compare passes only these on)
         for f in dataclasses.fields(self):
             value = values.pop(f.name) if f.name in values else (
                 f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default)
@@ -108,6 +111,11 @@ class TrainConfig:
             setattr(self, name, values.pop(name) if name in values else f.default)
         if values:
             raise TypeError(f"TrainConfig got unknown settings {sorted(values)}")
+        if self.lr is None:  # the method's own rate (an unknown method is validate()'s to report)
+            try:
+                self.lr = get_method(self.method).default_lr(self.prompt_encoder)
+            except PetmixError:
+                pass
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, TrainConfig) and self.to_dict() == other.to_dict()

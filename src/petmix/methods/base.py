@@ -80,6 +80,12 @@ class StageHook:
 HookFactory = Callable[[Stage, Any], "StageHook | None"]
 
 
+# The learning rate a method trains at when none is set, by what trains (``Method.lr_kind``). Raw soft
+# prompts (and ATTEMPT's attention G, which trains with its prompt) want a rate ~30x LoRA's; the values
+# are those `petmix tune` picked on the default model (docs/tuned.md: the runs and their commands).
+DEFAULT_LRS: dict[str, float] = {"prompt": 3e-2, "prompt-encoder": 1e-3, "lora": 1e-3, "full": 5e-5}
+
+
 @dataclass(frozen=True)
 class Method:
     """A registered method. Subclass it to change how a task begins or what trains (see ``l2p.py``)."""
@@ -103,6 +109,19 @@ class Method:
     paper: str = ""
 
     # ---- what generic code asks -------------------------------------------------------------------
+    def lr_kind(self, prompt_encoder: str | None = None) -> str:
+        """What trains, as far as the learning rate goes: prompt (raw soft prompts), prompt-encoder (prompts
+        behind an MLP/LSTM), lora (LoRA, BitFit and other small weights) or full (backbone weights)."""
+        if self.block == "full":
+            return "full"
+        if self.block == "prompt":
+            return "prompt" if (prompt_encoder or self.encoder) in (None, "none") else "prompt-encoder"
+        return "lora"
+
+    def default_lr(self, prompt_encoder: str | None = None) -> float:
+        """The learning rate when a run sets none (``DEFAULT_LRS`` by ``lr_kind``)."""
+        return DEFAULT_LRS[self.lr_kind(prompt_encoder)]
+
     def router_class(self) -> type:
         from petmix.router import ROUTERS
 
