@@ -29,7 +29,7 @@ from petmix.train import TrainConfig, Trainer, run_settings_diff
 
 log = logging.getLogger(__name__)
 
-# Learning-rate grids (log-spaced, about x3 apart) by what trains.
+# Learning-rate grids (log-spaced, about x3 apart) by what trains (``Method.lr_kind``).
 LR_GRIDS: dict[str, list[float]] = {
     "prompt": [3e-3, 1e-2, 3e-2, 1e-1],  # raw soft prompts (and ATTEMPT's G, trained with its prompt)
     "prompt-encoder": [1e-4, 3e-4, 1e-3, 3e-3],  # prompts behind an MLP/LSTM (P-tuning, prefix tuning)
@@ -43,13 +43,8 @@ PROMPT_LENGTHS = [5, 10, 20]
 
 
 def lr_grid(method: str, cfg: TrainConfig) -> list[float]:
-    m = get_method(method)
-    if m.block == "full":
-        return LR_GRIDS["full"]
-    if m.block == "prompt":
-        encoder = cfg.prompt_encoder or m.encoder
-        return LR_GRIDS["prompt-encoder"] if encoder not in (None, "none") else LR_GRIDS["prompt"]
-    return LR_GRIDS["lora"]
+    """The grid of what trains (``Method.lr_kind``: the same kinds as the default rates)."""
+    return LR_GRIDS[get_method(method).lr_kind(cfg.prompt_encoder)]
 
 
 def option_grid(method: str) -> tuple[str, list[Any]] | None:
