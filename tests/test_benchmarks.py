@@ -79,6 +79,10 @@ def test_archive_lets_a_fresh_folder_read_finished_runs_instead_of_training(tiny
     again = compare.run_comparison(entries, base, tasks, tmp_path / "b", seeds=[0], floors=True)
     assert [(r["label"], r["AP"]) for r in again] == [(r["label"], r["AP"]) for r in first]
     assert archive.restore(tmp_path / "archive", tmp_path / "b") == []  # never overwrites
+    kept = {p: p.read_bytes() for p in (tmp_path / "archive").rglob("results.json")}
+    assert any(b'"sha256:' in v for v in kept.values())  # definitions kept as digests
+    archive.save(tmp_path / "b", tmp_path / "archive")  # a restored run saved again stays as it was kept
+    assert {p: p.read_bytes() for p in (tmp_path / "archive").rglob("results.json")} == kept
 
 
 def test_the_archive_folder_is_not_git_ignored():
