@@ -241,3 +241,19 @@ def test_an_unset_lr_is_the_methods_own_and_a_set_one_wins(tiny_llama_path, tmp_
     with pytest.raises(Stop):  # --lr sets every entry's, and an entry's own value still wins
         main([*argv, "--lr", "2e-3", "--out", str(tmp_path / "b")])
     assert seen == {"prompt-tuning": 2e-3, "lora": 2e-3, "full-ft": 2e-3, "pt-slow": 1e-3}
+
+
+def test_docs_tuned_lists_every_method_under_its_kind_and_default():
+    """docs/tuned.md's table of default learning rates says what the code does, for every method."""
+    from petmix.methods import METHODS
+    from petmix.methods.base import DEFAULT_LRS
+
+    rows = [line.split("|")[1:-1] for line in (Path(__file__).parents[1] / "docs" / "tuned.md").read_text().splitlines()
+            if line.startswith("| `")]
+    listed: dict[str, tuple[str, float]] = {}
+    for kind_cell, methods_cell, default_cell, *_ in rows:
+        kind = kind_cell.split("`")[1]
+        assert float(default_cell) == DEFAULT_LRS[kind]
+        for name in methods_cell.split(","):
+            listed[name.strip()] = (kind, float(default_cell))
+    assert listed == {name: (m.lr_kind(), m.default_lr()) for name, m in METHODS.items()}
