@@ -179,3 +179,22 @@ def test_vs_arrow_combines_seeds_into_mean_and_std(tmp_path):
     (runs[2] / "vs_arrow.json").write_text(json.dumps(payload(2, 30.0, n_test=4)))
     with pytest.raises(SystemExit, match="other tasks or test examples"):
         vs_arrow.combine(runs)
+
+
+def test_answer_spread_counts_the_most_frequent_answer_of_finished_runs_only(tmp_path, capsys):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import answer_spread
+
+    def run(label: str, seed: int, rows: int, answers: list[str]) -> None:
+        d = tmp_path / label / f"seed-{seed}"
+        (d / "predictions").mkdir(parents=True)
+        matrix = [[50.0, None], [None, 50.0]][:rows]
+        (d / "results.json").write_text(json.dumps({"method": "prompt-tuning", "tasks": ["a", "b"], "matrix": matrix}))
+        (d / "predictions" / "a.jsonl").write_text("".join(json.dumps({"prediction": x}) + "\n" for x in answers))
+
+    run("pt", 0, 2, ["yes", "yes", "yes", "no"])
+    run("pt", 1, 2, ["no", "no", "no", "no"])
+    run("pt", 2, 1, ["maybe"] * 4)  # unfinished: left out
+    assert answer_spread.main([str(tmp_path)]) == 0
+    row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("| pt "))
+    assert row == "| pt | 2 | 88% 'no/yes', 1.5 distinct | - |"
