@@ -214,11 +214,14 @@ def test_an_unset_lr_is_the_methods_own_and_a_set_one_wins(tiny_llama_path, tmp_
     assert TrainConfig(method="attempt", sources=["x"]).lr == 3e-2  # G trains with its prompt
     assert TrainConfig(method="sapt-lora").lr == 1e-3
     assert TrainConfig(method="p-tuning").lr == 1e-3  # a prompt behind an encoder
+    assert TrainConfig(method="p-tuning-v2").lr == 3e-3  # a raw prompt at every layer
+    assert TrainConfig(method="prompt-tuning", prompt_depth="deep").lr == 3e-3
     assert TrainConfig(method="prompt-tuning", prompt_encoder="mlp").lr == 1e-3
     assert TrainConfig(method="full-ft").lr == 5e-5
     assert TrainConfig(method="prompt-tuning", lr=0.5).lr == 0.5
     from petmix.tune import LR_GRIDS, lr_grid  # tune searches the grid of the same kind around each default
-    for method, kind in [("prompt-tuning", "prompt"), ("p-tuning", "prompt-encoder"), ("o-lora", "lora"),
+    for method, kind in [("prompt-tuning", "prompt"), ("p-tuning-v2", "prompt-deep"), ("p-tuning", "prompt-encoder"),
+                         ("o-lora", "lora"),
                          ("seq-ft", "full")]:
         assert lr_grid(method, TrainConfig(method=method)) == LR_GRIDS[kind]
 

@@ -37,8 +37,8 @@ class TrainConfig:
     epochs: float = setting(1.0, "epochs per task (fractions allowed)", gt=0, le=1e6)
     # None: the method's own (petmix.methods.base.DEFAULT_LRS, chosen by `petmix tune` on the default model;
     # 1e-3 for LoRA at CPU budgets, where the paper has 3e-4 T5, 5e-5 LLaMA: configs/paper)
-    lr: float | None = setting(None, "learning rate (constant); default the method's: 3e-2 raw soft prompts, 1e-3 "
-                                     "LoRA, BitFit and prompt encoders, 5e-5 full weights", gt=0)
+    lr: float | None = setting(None, "learning rate (constant); default the method's: 3e-2 raw soft prompts, 3e-3 "
+                                     "deep ones, 1e-3 LoRA, BitFit and prompt encoders, 5e-5 full weights", gt=0)
     batch_size: int = setting(8, "examples per micro-batch", ge=1)
     grad_accum: int = setting(1, "micro-batches per optimiser step", ge=1)
     max_train: int | None = setting(None, "cap on training examples per task", ge=1)
@@ -113,7 +113,7 @@ class TrainConfig:
             raise TypeError(f"TrainConfig got unknown settings {sorted(values)}")
         if self.lr is None:  # the method's own rate (an unknown method is validate()'s to report)
             try:
-                self.lr = get_method(self.method).default_lr(self.prompt_encoder)
+                self.lr = get_method(self.method).default_lr(self.prompt_encoder, self.prompt_depth)
             except PetmixError:
                 pass
 

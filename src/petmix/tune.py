@@ -32,6 +32,7 @@ log = logging.getLogger(__name__)
 # Learning-rate grids (log-spaced, about x3 apart) by what trains (``Method.lr_kind``).
 LR_GRIDS: dict[str, list[float]] = {
     "prompt": [3e-3, 1e-2, 3e-2, 1e-1],  # raw soft prompts (and ATTEMPT's G, trained with its prompt)
+    "prompt-deep": [1e-3, 3e-3, 1e-2, 3e-2],  # a raw prompt at every layer (P-tuning v2 picked 3e-3 of 3e-3..1e-1)
     "prompt-encoder": [1e-4, 3e-4, 1e-3, 3e-3],  # prompts behind an MLP/LSTM (P-tuning, prefix tuning)
     "lora": [3e-4, 1e-3, 3e-3],  # LoRA, BitFit, routers
     "full": [1e-5, 3e-5, 1e-4],  # backbone weights
@@ -44,7 +45,7 @@ PROMPT_LENGTHS = [5, 10, 20]
 
 def lr_grid(method: str, cfg: TrainConfig) -> list[float]:
     """The grid of what trains (``Method.lr_kind``: the same kinds as the default rates)."""
-    return LR_GRIDS[get_method(method).lr_kind(cfg.prompt_encoder)]
+    return LR_GRIDS[get_method(method).lr_kind(cfg.prompt_encoder, cfg.prompt_depth)]
 
 
 def option_grid(method: str) -> tuple[str, list[Any]] | None:

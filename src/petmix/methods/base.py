@@ -81,9 +81,10 @@ HookFactory = Callable[[Stage, Any], "StageHook | None"]
 
 
 # The learning rate a method trains at when none is set, by what trains (``Method.lr_kind``). Raw soft
-# prompts (and ATTEMPT's attention G, which trains with its prompt) want a rate ~30x LoRA's; the values
-# are those `petmix tune` picked on the default model (docs/tuned.md: the runs and their commands).
-DEFAULT_LRS: dict[str, float] = {"prompt": 3e-2, "prompt-encoder": 1e-3, "lora": 1e-3, "full": 5e-5}
+# prompts (and ATTEMPT's attention G, which trains with its prompt) want a rate ~30x LoRA's, a prompt at
+# every layer a tenth of that. docs/tuned.md says which values `petmix tune` picked on the default model.
+DEFAULT_LRS: dict[str, float] = {"prompt": 3e-2, "prompt-deep": 3e-3, "prompt-encoder": 1e-3, "lora": 1e-3,
+                                 "full": 5e-5}
 
 
 @dataclass(frozen=True)
@@ -109,18 +110,21 @@ class Method:
     paper: str = ""
 
     # ---- what generic code asks -------------------------------------------------------------------
-    def lr_kind(self, prompt_encoder: str | None = None) -> str:
-        """What trains, as far as the learning rate goes: prompt (raw soft prompts), prompt-encoder (prompts
-        behind an MLP/LSTM), lora (LoRA, BitFit and other small weights) or full (backbone weights)."""
+    def lr_kind(self, prompt_encoder: str | None = None, prompt_depth: str | None = None) -> str:
+        """What trains, as far as the learning rate goes: prompt (raw soft prompts), prompt-deep (a raw
+        prompt at every layer), prompt-encoder (prompts behind an MLP/LSTM), lora (LoRA, BitFit and other
+        small weights) or full (backbone weights). ``prompt_*``: a run's own setting, else the method's."""
         if self.block == "full":
             return "full"
         if self.block == "prompt":
-            return "prompt" if (prompt_encoder or self.encoder) in (None, "none") else "prompt-encoder"
+            if (prompt_encoder or self.encoder) not in (None, "none"):
+                return "prompt-encoder"
+            return "prompt-deep" if (prompt_depth or self.depth) == "deep" else "prompt"
         return "lora"
 
-    def default_lr(self, prompt_encoder: str | None = None) -> float:
+    def default_lr(self, prompt_encoder: str | None = None, prompt_depth: str | None = None) -> float:
         """The learning rate when a run sets none (``DEFAULT_LRS`` by ``lr_kind``)."""
-        return DEFAULT_LRS[self.lr_kind(prompt_encoder)]
+        return DEFAULT_LRS[self.lr_kind(prompt_encoder, prompt_depth)]
 
     def router_class(self) -> type:
         from petmix.router import ROUTERS
