@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import re
 import statistics
 import sys
 from pathlib import Path
@@ -31,7 +32,9 @@ def spread(run: Path, task: str) -> tuple[float, int, str] | None:
     if not answers:
         return None
     top, count = collections.Counter(answers).most_common(1)[0]
-    return count / len(answers), len(set(answers)), top
+    shown = re.sub(r"\n\s*", r"\\n", top)  # one table line: a line break shows as \n
+    return count / len(answers), len(set(answers)), shown if len(shown) <= 30 else shown[:27] + "..."
+
 
 
 def finished(run: Path) -> bool:
