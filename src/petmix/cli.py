@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import time
 from dataclasses import dataclass, field, fields
@@ -667,6 +668,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("petmix: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `petmix methods | head`: the reader left; no traceback, nothing more to write
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
 
 
 if __name__ == "__main__":
