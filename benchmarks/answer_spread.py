@@ -19,8 +19,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from petmix.methods import METHODS  # noqa: E402
 from petmix.runs import read_json, read_jsonl  # noqa: E402
+from petmix.train import finished_run  # noqa: E402
 
 
 def spread(run: Path, task: str) -> tuple[float, int, str] | None:
@@ -36,14 +36,9 @@ def spread(run: Path, task: str) -> tuple[float, int, str] | None:
     return count / len(answers), len(set(answers)), shown if len(shown) <= 30 else shown[:27] + "..."
 
 
-
 def finished(run: Path) -> bool:
-    """Every stage done: one matrix row per task (a joint method's one stage: one row)."""
-    if not (run / "results.json").is_file():
-        return False
-    results = read_json(run / "results.json")
-    joint = METHODS[results["method"]].joint if results.get("method") in METHODS else False
-    return len(results.get("matrix") or []) == (1 if joint else len(results["tasks"]))
+    results = read_json(run / "results.json") if (run / "results.json").is_file() else {}
+    return bool(results) and finished_run(run, results["method"], len(results["tasks"]))
 
 
 def main(argv: list[str] | None = None) -> int:

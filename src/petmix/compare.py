@@ -22,10 +22,10 @@ from typing import Any
 
 from petmix.data.task import Task
 from petmix.errors import PetmixError
-from petmix.methods import METHODS, get_method
+from petmix.methods import METHODS
 from petmix.runs import holding, read_json, write_json
 from petmix.stats import NOISE_RULE, Summary, within_noise
-from petmix.train import TrainConfig, Trainer, run_settings_diff, stages_wall_seconds
+from petmix.train import TrainConfig, Trainer, finished_run, run_settings_diff, stages_wall_seconds
 
 log = logging.getLogger(__name__)
 
@@ -79,11 +79,6 @@ def _value(text: str) -> Any:
         return float(text)
     except ValueError:
         return yaml.safe_load(text)
-
-
-def _finished(out: Path, expected_rows: int) -> bool:
-    path = out / "results.json"
-    return path.is_file() and len(read_json(path).get("matrix", [])) == expected_rows
 
 
 def note_for(results: dict[str, Any]) -> str:
@@ -155,8 +150,7 @@ def run_comparison(entries: list[Entry], base: dict[str, Any], tasks: list[Task]
         if not multi:
             return out_dir / entry.label
         legacy = out_dir / entry.label
-        expected = 1 if get_method(entry.method).joint else len(tasks)
-        if _finished(legacy, expected) and read_json(legacy / "config.json").get("seed") == seed:
+        if finished_run(legacy, entry.method, len(tasks)) and read_json(legacy / "config.json").get("seed") == seed:
             return legacy  # a finished single-seed run of the same settings (checked below) is this seed's
         return legacy / f"seed-{seed}"
 
@@ -170,7 +164,7 @@ def run_comparison(entries: list[Entry], base: dict[str, Any], tasks: list[Task]
             if single is not None and entry is not single:  # made by the comparison itself, before this entry
                 cfg.single_task_results = str(run_dir(single, seed))
             diff = run_settings_diff(run_dir(entry, seed), cfg, names)
-            if diff and _finished(run_dir(entry, seed), 1 if get_method(cfg.method).joint else len(tasks)):
+            if diff and finished_run(run_dir(entry, seed), cfg.method, len(tasks)):
                 raise PetmixError(f"{run_dir(entry, seed)} holds a finished run with other settings ({diff}); "
                                   "use a new --out or the same settings")
             configs[entry.label, seed] = cfg
@@ -192,7 +186,7 @@ def run_comparison(entries: list[Entry], base: dict[str, Any], tasks: list[Task]
         for seed in seed_list:
             for entry in ordered:
                 where = run_dir(entry, seed)
-                if _finished(where, 1 if get_method(configs[entry.label, seed].method).joint else len(tasks)):
+                if finished_run(where, configs[entry.label, seed].method, len(tasks)):
                     log.info("%s: finished earlier, reading %s", entry.label + (f" seed {seed}" if multi else ""), where)
                     runs[entry.label][seed] = read_json(where / "results.json")
         for seed in seed_list:

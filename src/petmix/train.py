@@ -70,6 +70,14 @@ def settings_diff(old: dict[str, Any], resolved: dict[str, Any]) -> list[str]:
     return sorted(k for k in resolved if k not in RESUMABLE_CHANGES and k in old and old[k] != resolved[k])
 
 
+def finished_run(run_dir: Path, method: str, n_tasks: int) -> bool:
+    """``run_dir`` holds a run of ``method`` on ``n_tasks`` tasks with every stage done: one matrix row
+    per stage (a joint method has one stage)."""
+    path = Path(run_dir) / "results.json"
+    stages = 1 if get_method(method).joint else n_tasks
+    return path.is_file() and len(read_json(path).get("matrix") or []) == stages
+
+
 def run_settings_diff(run_dir: Path, cfg: TrainConfig, task_names: list[str]) -> list[str]:
     """``settings_diff`` of the run in ``run_dir`` (empty if it holds none yet): a finished run with
     other settings must not be read (into a table, or as a tuning candidate's score) as if it had these."""

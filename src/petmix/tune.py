@@ -25,7 +25,7 @@ from petmix.data.task import Task, cap, split_off
 from petmix.errors import PetmixError
 from petmix.methods import get_method
 from petmix.runs import read_json
-from petmix.train import TrainConfig, Trainer, run_settings_diff
+from petmix.train import TrainConfig, Trainer, finished_run, run_settings_diff
 
 log = logging.getLogger(__name__)
 
@@ -83,9 +83,8 @@ def check_kept_candidates(method: str, base: dict[str, Any], tasks: list[Task], 
     or an archive) whose settings differ from these in more than what the search varies."""
     cfg = TrainConfig.from_dict({**base, "method": method}, f"tune {method}")
     searched = {"lr", *([option_grid(method)[0]] if option_grid(method) else [])}
-    expected = 1 if get_method(method).joint else len(tasks)
     for results in sorted((Path(out) / method).glob("*/results.json")):
-        if len(read_json(results).get("matrix") or []) != expected:
+        if not finished_run(results.parent, method, len(tasks)):
             continue
         diff = [k for k in run_settings_diff(results.parent, cfg, [t.name for t in tasks]) if k not in searched]
         if diff:
@@ -113,8 +112,7 @@ def tune_method(method: str, base: dict[str, Any], tasks: list[Task], out: str |
         name = "-".join(f"{k}-{_fmt(v)}" for k, v in settings.items())
         cfg = TrainConfig.from_dict({**base, "method": method, **settings}, f"tune {method} {name}")
         run = out / name
-        expected = 1 if get_method(method).joint else len(tasks)
-        done = (run / "results.json").is_file() and len(read_json(run / "results.json")["matrix"]) == expected
+        done = finished_run(run, method, len(tasks))
         if done:  # a candidate finished earlier (or kept in an archive) must have these settings
             diff = run_settings_diff(run, cfg, [t.name for t in tasks])
             if diff:
