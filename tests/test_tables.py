@@ -244,6 +244,10 @@ def test_an_unset_lr_is_the_methods_own_and_a_set_one_wins(tiny_llama_path, tmp_
     with pytest.raises(Stop):  # --lr sets every entry's, and an entry's own value still wins
         main([*argv, "--lr", "2e-3", "--out", str(tmp_path / "b")])
     assert seen == {"prompt-tuning": 2e-3, "lora": 2e-3, "full-ft": 2e-3, "pt-slow": 1e-3}
+    (tmp_path / "null.yaml").write_text("lr: null\n")  # null is no rate: each entry's own again
+    with pytest.raises(Stop):
+        main([*argv, "--config", str(tmp_path / "null.yaml"), "--out", str(tmp_path / "c")])
+    assert seen == {"prompt-tuning": 3e-2, "lora": 1e-3, "full-ft": 5e-5, "pt-slow": 1e-3}
 
 
 def test_docs_tuned_lists_every_method_under_its_kind_and_default():

@@ -102,7 +102,9 @@ class TrainConfig:
     def __init__(self, **values: Any):
         """Generic settings by keyword, and any registered method's options (``kl_ratio=0.1``)."""
         options = option_fields()
-        self.explicit = frozenset(values)  # the keys given, not defaulted (compare passes only these on)
+        # The keys given a value (null leaves a key at its default, e.g. lr: the method's own); compare
+        # passes only these on to its entries.
+        self.explicit = frozenset(k for k, v in values.items() if v is not None)
         for f in dataclasses.fields(self):
             value = values.pop(f.name) if f.name in values else (
                 f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default)
