@@ -210,8 +210,10 @@ def test_an_unset_lr_is_the_methods_own_and_a_set_one_wins(tiny_llama_path, tmp_
     from petmix.compare import entry_values
     from petmix.config import TrainConfig
 
-    assert TrainConfig(method="prompt-tuning").lr == 3e-2  # raw soft prompt
+    assert TrainConfig(method="prompt-tuning").lr == 1e-1  # raw soft prompt
+    assert TrainConfig(method="sapt-prompt").lr == 1e-1  # its router has router_lr; the prompts the raw rate
     assert TrainConfig(method="attempt", sources=["x"]).lr == 3e-2  # G trains with its prompt
+    assert TrainConfig(method="attempt-m", sources=["x"]).lr == 3e-2
     assert TrainConfig(method="sapt-lora").lr == 1e-3
     assert TrainConfig(method="p-tuning").lr == 1e-3  # a prompt behind an encoder
     assert TrainConfig(method="p-tuning-v2").lr == 3e-3  # a raw prompt at every layer
@@ -220,7 +222,7 @@ def test_an_unset_lr_is_the_methods_own_and_a_set_one_wins(tiny_llama_path, tmp_
     assert TrainConfig(method="full-ft").lr == 5e-5
     assert TrainConfig(method="prompt-tuning", lr=0.5).lr == 0.5
     from petmix.tune import LR_GRIDS, lr_grid  # tune searches the grid of the same kind around each default
-    for method, kind in [("prompt-tuning", "prompt"), ("p-tuning-v2", "prompt-deep"), ("p-tuning", "prompt-encoder"),
+    for method, kind in [("prompt-tuning", "prompt"), ("attempt", "prompt-attention"), ("p-tuning-v2", "prompt-deep"), ("p-tuning", "prompt-encoder"),
                          ("o-lora", "lora"),
                          ("seq-ft", "full")]:
         assert lr_grid(method, TrainConfig(method=method)) == LR_GRIDS[kind]
@@ -240,14 +242,44 @@ def test_an_unset_lr_is_the_methods_own_and_a_set_one_wins(tiny_llama_path, tmp_
             "--tasks", str(Path(__file__).parent / "fixtures" / "generic_folder"), "--model", str(tiny_llama_path)]
     with pytest.raises(Stop):  # no lr set: each entry trains at its own method's rate
         main([*argv, "--out", str(tmp_path / "a")])
-    assert seen == {"prompt-tuning": 3e-2, "lora": 1e-3, "full-ft": 5e-5, "pt-slow": 1e-3}
+    assert seen == {"prompt-tuning": 1e-1, "lora": 1e-3, "full-ft": 5e-5, "pt-slow": 1e-3}
     with pytest.raises(Stop):  # --lr sets every entry's, and an entry's own value still wins
         main([*argv, "--lr", "2e-3", "--out", str(tmp_path / "b")])
     assert seen == {"prompt-tuning": 2e-3, "lora": 2e-3, "full-ft": 2e-3, "pt-slow": 1e-3}
     (tmp_path / "null.yaml").write_text("lr: null\n")  # null is no rate: each entry's own again
     with pytest.raises(Stop):
         main([*argv, "--config", str(tmp_path / "null.yaml"), "--out", str(tmp_path / "c")])
-    assert seen == {"prompt-tuning": 3e-2, "lora": 1e-3, "full-ft": 5e-5, "pt-slow": 1e-3}
+    assert seen == {"prompt-tuning": 1e-1, "lora": 1e-3, "full-ft": 5e-5, "pt-slow": 1e-3}
+
+
+@pytest.mark.parametrize(("peak", "tried", "chosen"), [
+    (0.3, [3e-4, 1e-3, 3e-3, 1e-2, 3e-2], 3e-2),   # best at the top each time: two steps up, then the cap
+    (3e-3, [3e-4, 1e-3, 3e-3, 1e-2], 3e-3),         # one step up finds the peak's upper neighbour
+    (1e-3, [3e-4, 1e-3, 3e-3], 1e-3),               # inside the grid: nothing added
+    (1e-4, [3e-5, 1e-4, 3e-4, 1e-3, 3e-3], 1e-4),   # at the bottom: steps down until it has two neighbours
+])
+def test_tune_steps_past_a_winning_end_of_its_grid(tmp_path, monkeypatch, peak, tried, chosen):
+    """A rate at the end of the grid is no choice: the grid grows past it, at most EDGE_STEPS times."""
+    import petmix.tune as tune
+
+    trained: list[float] = []
+
+    class FakeTrainer:  # validation AP peaks at ``peak`` (log scale); nothing trains
+        def __init__(self, cfg, tasks, run):
+            self.lr = cfg.lr
+
+        def run(self):
+            trained.append(self.lr)
+            return {"metrics": {"AP": 100 - abs(math.log10(self.lr / peak))}}
+
+    monkeypatch.setattr(tune, "Trainer", FakeTrainer)
+    result = tune.tune_method("lora", {}, make_tasks(2, n_train=8), tmp_path)
+    assert result["settings"] == {"lr": chosen}
+    assert sorted(trained) == pytest.approx(sorted(tried)) and len(set(trained)) == len(trained)  # each once
+    assert result["grid"]["lr"] == pytest.approx(tried)
+    trained.clear()  # a grid given (--lr-grid) is searched as given, even where its end wins
+    given = tune.tune_method("lora", {}, make_tasks(2, n_train=8), tmp_path / "given", lrs=[1e-2, 3e-2])
+    assert given["grid"]["lr"] == [1e-2, 3e-2] and sorted(trained) == [1e-2, 3e-2]
 
 
 def test_docs_tuned_lists_every_method_under_its_kind_and_default():

@@ -600,7 +600,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--val-fraction", type=float, default=0.2, help="share of each task's train split held out "
                                                                     "for validation (default 0.2)")
     p.add_argument("--val-max", type=int, default=100, help="at most this many validation examples per task")
-    p.add_argument("--lr-grid", help="comma-separated learning rates (default: a log-spaced grid per method kind)")
+    p.add_argument("--lr-grid", help="comma-separated learning rates (searched as given; default: a log-spaced grid per method kind, grown past a winning end)")
     p.add_argument("--option-grid", help="comma-separated values of the method's tuned option (kl_ratio, "
                                          "olora_lambda1, ewc_lambda or prompt_length)")
     p.add_argument("--tuned-file", help="where to write the choices (default OUT/tuned.yaml; other methods' "

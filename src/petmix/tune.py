@@ -31,12 +31,17 @@ log = logging.getLogger(__name__)
 
 # Learning-rate grids (log-spaced, about x3 apart) by what trains (``Method.lr_kind``).
 LR_GRIDS: dict[str, list[float]] = {
-    "prompt": [3e-3, 1e-2, 3e-2, 1e-1],  # raw soft prompts (and ATTEMPT's G, trained with its prompt)
+    "prompt": [3e-3, 1e-2, 3e-2, 1e-1],  # raw soft prompts
+    "prompt-attention": [3e-3, 1e-2, 3e-2, 1e-1],  # ATTEMPT: a raw prompt and its attention G at one rate
     "prompt-deep": [1e-3, 3e-3, 1e-2, 3e-2],  # a raw prompt at every layer (P-tuning v2 picked 3e-3 of 3e-3..1e-1)
     "prompt-encoder": [1e-4, 3e-4, 1e-3, 3e-3],  # prompts behind an MLP/LSTM (P-tuning, prefix tuning)
     "lora": [3e-4, 1e-3, 3e-3],  # LoRA, BitFit, routers
     "full": [1e-5, 3e-5, 1e-4],  # backbone weights
 }
+
+# A rate chosen at an end of its grid is no choice: tune steps past that end (the grid's 1-3-10 ladder)
+# this many times at most, until the best rate has a tried neighbour on both sides.
+EDGE_STEPS = 2
 
 # A method's single most sensitive option and its grid are its own (``Method.tuned_option``); a prompt
 # method without one tunes its prompt length, unless source prompts fix it.
@@ -46,6 +51,17 @@ PROMPT_LENGTHS = [5, 10, 20]
 def lr_grid(method: str, cfg: TrainConfig) -> list[float]:
     """The grid of what trains (``Method.lr_kind``: the same kinds as the default rates)."""
     return LR_GRIDS[get_method(method).lr_kind(cfg.prompt_encoder, cfg.prompt_depth)]
+
+
+def step_past_edge(lrs: list[float], best: float) -> list[float] | None:
+    """``lrs`` with one more rate beyond the end ``best`` sits at (ten times its inner neighbour: 1e-1 after
+    3e-2, 1e-3 before 1e-2), or None where ``best`` is inside or the grid has a single rate."""
+    grid = sorted(lrs)
+    if len(grid) < 2 or grid[0] < best < grid[-1]:
+        return None
+    if best == grid[-1]:
+        return [*grid, float(f"{grid[-2] * 10:.3g}")]
+    return [float(f"{grid[1] / 10:.3g}"), *grid]
 
 
 def option_grid(method: str) -> tuple[str, list[Any]] | None:
@@ -96,9 +112,11 @@ def tune_method(method: str, base: dict[str, Any], tasks: list[Task], out: str |
                 lrs: list[float] | None = None, options: list[Any] | None = None) -> dict[str, Any]:
     """Search ``method``'s learning rate, then its option, on ``tasks`` (already validation tasks: see
     ``validation_tasks``); each candidate trains into ``out/<method>/<candidate>`` (finished ones are
-    read). Returns ``{"settings": {...}, "score": ..., "candidates": [...]}``."""
+    read). The method's own grid grows past an end that wins (``EDGE_STEPS``); a given ``lrs`` is kept as
+    it is. Returns ``{"settings": {...}, "score": ..., "candidates": [...], "grid": {...}}``."""
     out = Path(out) / method
     cfg0 = TrainConfig.from_dict({**base, "method": method}, f"tune {method}")
+    extend = not lrs
     lrs = list(lrs or lr_grid(method, cfg0))
     opt = option_grid(method)
     if opt is not None and options:
@@ -131,6 +149,14 @@ def tune_method(method: str, base: dict[str, Any], tasks: list[Task], out: str |
 
     default_opt = {} if opt is None else {opt[0]: getattr(cfg0, opt[0])}
     chosen = best_of([{"lr": lr, **default_opt} for lr in lrs])
+    for _ in range(EDGE_STEPS if extend else 0):
+        wider = step_past_edge(lrs, chosen["lr"])
+        if wider is None:
+            break
+        log.info("tune %s: lr %g is at the end of the grid; trying %s too", method, chosen["lr"],
+                 _fmt(next(v for v in wider if v not in lrs)))
+        lrs = wider
+        chosen = best_of([{"lr": lr, **default_opt} for lr in lrs])
     if opt is not None:
         values = sorted({*opt[1], default_opt[opt[0]]})
         chosen = best_of([{**chosen, opt[0]: v} for v in values])

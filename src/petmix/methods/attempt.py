@@ -48,6 +48,11 @@ class Attempt(Method):
             mix.router.reset(seed=1000 + task_index + 100_003 * mix.seed)
         return self.select_trainable(mix)
 
+    def lr_kind(self, prompt_encoder: str | None = None, prompt_depth: str | None = None) -> str:
+        """G trains at its prompt's rate, and both together want a lower one than a prompt alone (docs/tuned.md)."""
+        kind = super().lr_kind(prompt_encoder, prompt_depth)
+        return "prompt-attention" if kind == "prompt" else kind
+
     def trained_blocks(self, mix: Mixture) -> range:
         """The target prompt (every task's, in ATTEMPT-m's joint stage); the sources stay frozen."""
         return range(mix.num_sources if self.joint else mix.num_blocks - 1, mix.num_blocks)

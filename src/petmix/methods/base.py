@@ -83,8 +83,8 @@ HookFactory = Callable[[Stage, Any], "StageHook | None"]
 # The learning rate a method trains at when none is set, by what trains (``Method.lr_kind``). Raw soft
 # prompts (and ATTEMPT's attention G, which trains with its prompt) want a rate ~30x LoRA's, a prompt at
 # every layer a tenth of that. docs/tuned.md says which values `petmix tune` picked on the default model.
-DEFAULT_LRS: dict[str, float] = {"prompt": 3e-2, "prompt-deep": 3e-3, "prompt-encoder": 1e-3, "lora": 1e-3,
-                                 "full": 5e-5}
+DEFAULT_LRS: dict[str, float] = {"prompt": 1e-1, "prompt-attention": 3e-2, "prompt-deep": 3e-3,
+                                 "prompt-encoder": 1e-3, "lora": 1e-3, "full": 5e-5}
 
 
 @dataclass(frozen=True)
@@ -111,9 +111,10 @@ class Method:
 
     # ---- what generic code asks -------------------------------------------------------------------
     def lr_kind(self, prompt_encoder: str | None = None, prompt_depth: str | None = None) -> str:
-        """What trains, as far as the learning rate goes: prompt (raw soft prompts), prompt-deep (a raw
-        prompt at every layer), prompt-encoder (prompts behind an MLP/LSTM), lora (LoRA, BitFit and other
-        small weights) or full (backbone weights). ``prompt_*``: a run's own setting, else the method's."""
+        """What trains, as far as the learning rate goes: prompt (raw soft prompts), prompt-attention (a raw
+        prompt and ATTEMPT's attention G at one rate: ``attempt.py``), prompt-deep (a raw prompt at every
+        layer), prompt-encoder (prompts behind an MLP/LSTM), lora (LoRA, BitFit and other small weights) or
+        full (backbone weights). ``prompt_*``: a run's own setting, else the method's."""
         if self.block == "full":
             return "full"
         if self.block == "prompt":
