@@ -282,6 +282,28 @@ def test_tune_steps_past_a_winning_end_of_its_grid(tmp_path, monkeypatch, peak, 
     assert given["grid"]["lr"] == [1e-2, 3e-2] and sorted(trained) == [1e-2, 3e-2]
 
 
+@pytest.mark.parametrize(("effect", "chosen"), [(0.0, 0.5), (1.0, 2.0), (-1.0, 0.1)])
+def test_tuned_option_must_beat_the_default_and_an_inert_one_is_named(tmp_path, monkeypatch, effect, chosen):
+    """Option values tie with the default (SAPT's kl_ratio on two tasks, where the router is one-hot):
+    the default stays, and the record says the option had no measurable effect."""
+    import petmix.tune as tune
+
+    class FakeTrainer:  # AP peaks at lr 1e-3; kl_ratio moves it by ``effect`` per unit of log10
+        def __init__(self, cfg, tasks, run):
+            self.cfg = cfg
+
+        def run(self):
+            ap = 50 - abs(math.log10(self.cfg.lr / 1e-3)) + effect * math.log10(self.cfg.kl_ratio / 0.5)
+            return {"metrics": {"AP": ap}}
+
+    monkeypatch.setattr(tune, "Trainer", FakeTrainer)
+    result = tune.tune_method("sapt-lora", {}, make_tasks(2, n_train=8), tmp_path)
+    assert result["settings"] == {"lr": 1e-3, "kl_ratio": chosen}
+    assert ("notes" in result) == (effect == 0.0)
+    if effect == 0.0:
+        assert "kl_ratio" in result["notes"][0] and "default 0.5 is kept" in result["notes"][0]
+
+
 def test_docs_tuned_lists_every_method_under_its_kind_and_default():
     """docs/tuned.md's table of default learning rates says what the code does, for every method."""
     from petmix.methods import METHODS

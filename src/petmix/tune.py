@@ -157,12 +157,20 @@ def tune_method(method: str, base: dict[str, Any], tasks: list[Task], out: str |
                  _fmt(next(v for v in wider if v not in lrs)))
         lrs = wider
         chosen = best_of([{"lr": lr, **default_opt} for lr in lrs])
+    notes = []
     if opt is not None:
-        values = sorted({*opt[1], default_opt[opt[0]]})
-        chosen = best_of([{**chosen, opt[0]: v} for v in values])
+        key, default = opt[0], default_opt[opt[0]]
+        values = [default, *sorted(set(opt[1]) - {default})]  # the default first: another value must beat it
+        chosen = best_of([{**chosen, key: v} for v in values])
+        tried = {score({**chosen, key: v}) for v in values}
+        if len(tried) == 1:  # e.g. SAPT's kl_ratio on two tasks, where the router is already one-hot
+            notes.append(f"{key}: every value scored the same ({tried.pop():.2f}), so it had no measurable effect "
+                         f"on these tasks; the default {_fmt(default)} is kept")
+            log.info("tune %s: %s", method, notes[-1])
     best = next(c for c in candidates if c["settings"] == chosen)
     return {"settings": chosen, "score": best["score"], "candidates": candidates,
-            "grid": {"lr": lrs, **({opt[0]: sorted({*opt[1], default_opt[opt[0]]})} if opt else {})}}
+            "grid": {"lr": lrs, **({opt[0]: sorted({*opt[1], default_opt[opt[0]]})} if opt else {})},
+            **({"notes": notes} if notes else {})}
 
 
 def read_tuned(path: str | Path) -> dict[str, dict[str, Any]]:
