@@ -302,6 +302,8 @@ def test_tuned_option_must_beat_the_default_and_an_inert_one_is_named(tmp_path, 
     assert ("notes" in result) == (effect == 0.0)
     if effect == 0.0:
         assert "kl_ratio" in result["notes"][0] and "default 0.5 is kept" in result["notes"][0]
+    one = tune.tune_method("sapt-lora", {}, make_tasks(2, n_train=8), tmp_path / "one", options=[0.5])
+    assert "notes" not in one  # one value tried is no evidence either way
 
 
 def test_docs_tuned_lists_every_method_under_its_kind_and_default():

@@ -163,7 +163,7 @@ def tune_method(method: str, base: dict[str, Any], tasks: list[Task], out: str |
         values = [default, *sorted(set(opt[1]) - {default})]  # the default first: another value must beat it
         chosen = best_of([{**chosen, key: v} for v in values])
         tried = {score({**chosen, key: v}) for v in values}
-        if len(tried) == 1:  # e.g. SAPT's kl_ratio on two tasks, where the router is already one-hot
+        if len(values) > 1 and len(tried) == 1:  # e.g. SAPT's kl_ratio on two tasks, where the router is already one-hot
             notes.append(f"{key}: every value scored the same ({tried.pop():.2f}), so it had no measurable effect "
                          f"on these tasks; the default {_fmt(default)} is kept")
             log.info("tune %s: %s", method, notes[-1])
