@@ -24,6 +24,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from petmix.errors import PetmixError
 from petmix.runs import read_json, write_json
 
@@ -66,11 +68,25 @@ def save(out: Path, dest: Path) -> list[Path]:
         written.append(dest / "compare.json")
     if (out / TUNED).is_file():  # `petmix tune`'s choices; its candidates are runs, kept above
         dest.mkdir(parents=True, exist_ok=True)
-        tmp = dest / f".{TUNED}.tmp"
-        shutil.copyfile(out / TUNED, tmp)
-        tmp.replace(dest / TUNED)
+        _merge_tuned(out / TUNED, dest / TUNED)
         written.append(dest / TUNED)
     return written
+
+
+def _merge_tuned(new: Path, kept: Path) -> None:
+    """Write ``new``'s choices over ``kept``'s, method by method: two tunings of other methods into one
+    archive (two processes, or two clones) keep both; a method in both takes ``new``'s choice."""
+    tmp = kept.with_name(f".{TUNED}.tmp")
+    if not kept.is_file():  # nothing to merge: the file as petmix wrote it
+        shutil.copyfile(new, tmp)
+        tmp.replace(kept)
+        return
+    methods = (yaml.safe_load(kept.read_text(encoding="utf-8")) or {}).get("methods") or {}
+    text = new.read_text(encoding="utf-8")
+    fresh = (yaml.safe_load(text) or {}).get("methods") or {}
+    header = "".join(line for line in text.splitlines(keepends=True) if line.startswith("#"))
+    tmp.write_text(header + yaml.safe_dump({"methods": {**methods, **fresh}}, sort_keys=False), encoding="utf-8")
+    tmp.replace(kept)
 
 
 def restore(dest: Path, out: Path) -> list[Path]:

@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -140,6 +141,15 @@ def test_archive_keeps_a_tuning_folder_choices_and_candidates(tmp_path):
     assert (tmp_path / "fresh" / "tuned.yaml").read_text() == (tune / "tuned.yaml").read_text()
     assert (tmp_path / "fresh" / "lora" / "lr-0.001" / "results.json").is_file()
     assert not (tmp_path / "fresh" / "lora" / "lr-0.003").exists()
+    # another tuning (another process or clone) of other methods into the same archive keeps both choices
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "tuned.yaml").write_text("# header\nmethods:\n  bitfit:\n    settings: {lr: 0.003}\n"
+                                      "  lora:\n    settings: {lr: 0.0003}\n")
+    archive.save(other, tmp_path / "archive")
+    kept = yaml.safe_load((tmp_path / "archive" / "tuned.yaml").read_text())["methods"]
+    assert kept == {"lora": {"settings": {"lr": 0.0003}}, "bitfit": {"settings": {"lr": 0.003}}}  # newer wins
+    assert (tmp_path / "archive" / "tuned.yaml").read_text().startswith("# header")
 
 
 def test_flop_floor_counts_a_hand_made_model(tiny_llama_path, tmp_path):
