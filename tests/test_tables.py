@@ -302,6 +302,9 @@ def test_tuned_option_must_beat_the_default_and_an_inert_one_is_named(tmp_path, 
     assert ("notes" in result) == (effect == 0.0)
     if effect == 0.0:
         assert "kl_ratio" in result["notes"][0] and "default 0.5 is kept" in result["notes"][0]
+    tune.write_tuned(tmp_path / "tuned.yaml", "sapt-lora", result, {})
+    assert ("- sapt-lora: kl_ratio: every value scored the same" in tune.tuned_table(tmp_path / "tuned.yaml")) == (
+        effect == 0.0)  # the table petmix tune prints says it too
     one = tune.tune_method("sapt-lora", {}, make_tasks(2, n_train=8), tmp_path / "one", options=[0.5])
     assert "notes" not in one  # one value tried is no evidence either way
 

@@ -223,4 +223,5 @@ def tuned_table(path: str | Path) -> str:
         tried = "; ".join(", ".join(f"{k} {_fmt(v)}" for k, v in c["settings"].items()) + f": {c['score']:.1f}"
                           for c in entry.get("candidates") or [])
         lines.append(f"| {name} | {_fmt(lr)} | {option} | {entry.get('score', float('nan')):.2f} | {tried} |")
-    return "\n".join(lines)
+    notes = [f"- {name}: {note}" for name, entry in (data.get("methods") or {}).items() for note in entry.get("notes") or []]
+    return "\n".join(lines + ([""] + notes if notes else []))
