@@ -29,5 +29,6 @@ for seed in ${seeds//,/ }; do
     .venv/bin/python benchmarks/archive.py restore "$from" "runs/bench/reflection-$stream/sapt-lora/seed-$seed"
   fi
 done
-kept_compare "runs/bench/reflection-$stream" --config "$config" "${extra[@]}" --seeds "${SEEDS:-0}" --no-floors \
+# lr 1e-3: routing.sh's rate (its kept seeds are read here), not sapt-lora's own default since (docs/tuned.md)
+kept_compare "runs/bench/reflection-$stream" --config "$config" "${extra[@]}" --lr 1e-3 --seeds "${SEEDS:-0}" --no-floors \
   --methods "sapt-lora,arm-generated=sapt-lora:replay_source=generated,arm-real=sapt-lora:replay_source=real,no-arm=sapt-lora:kl_ratio=0"

@@ -24,6 +24,7 @@ for stream in ${STREAMS:-superni5 long4 long4-shared}; do
     *) echo "unknown stream $stream (superni5, long4 or long4-shared)"; exit 2 ;;
   esac
   out="runs/bench/routing-$stream"
+  extra+=(--lr 1e-3)  # these tables ran at 1e-3, LoRA's rate before per-method defaults (docs/tuned.md)
   # The paper's preset: its router and generative replay, at the kl_ratio that did best on CPU before.
   kept_compare "$out" --config "$config" "${extra[@]}" --seeds "${SEEDS:-0,1,2}" \
     --methods "${METHODS:-per-task-lora,sapt-lora,sapt-paper=sapt-lora:router=paper:replay_source=generated:kl_ratio=0.1}"

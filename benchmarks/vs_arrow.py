@@ -57,6 +57,7 @@ def settings(args: argparse.Namespace) -> dict[str, Any]:
     for key in ("data", "max_train", "max_test", "model", "epochs"):
         if getattr(args, key) is not None:
             values[key] = getattr(args, key)
+    values.setdefault("lr", 1e-3)  # the measured tables' rate (before sapt-lora had its own default); --set lr=X
     for item in args.set or []:
         key, _, value = item.partition("=")
         values[key.replace("-", "_")] = yaml.safe_load(value)

@@ -214,7 +214,8 @@ def test_an_unset_lr_is_the_methods_own_and_a_set_one_wins(tiny_llama_path, tmp_
     assert TrainConfig(method="sapt-prompt").lr == 1e-1  # its router has router_lr; the prompts the raw rate
     assert TrainConfig(method="attempt", sources=["x"]).lr == 3e-2  # G trains with its prompt
     assert TrainConfig(method="attempt-m", sources=["x"]).lr == 3e-2
-    assert TrainConfig(method="sapt-lora").lr == 1e-3
+    assert TrainConfig(method="sapt-lora").lr == 3e-3  # its own tuned pick (Method.tuned_lr) ...
+    assert TrainConfig(method="seq-lora").lr == 1e-3  # ... over its kind's
     assert TrainConfig(method="p-tuning").lr == 1e-3  # a prompt behind an encoder
     assert TrainConfig(method="p-tuning-v2").lr == 3e-3  # a raw prompt at every layer
     assert TrainConfig(method="prompt-tuning", prompt_depth="deep").lr == 3e-3
@@ -320,6 +321,7 @@ def test_docs_tuned_lists_every_method_under_its_kind_and_default():
     for kind_cell, methods_cell, default_cell, *_ in rows:
         kind = kind_cell.split("`")[1]
         assert float(default_cell) == DEFAULT_LRS[kind]
-        for name in methods_cell.split(","):
-            listed[name.strip()] = (kind, float(default_cell))
+        for cell in methods_cell.split(","):  # "name", or "name (own: 3e-3)" for a method's own tuned pick
+            name, _, own = cell.strip().partition(" (own: ")
+            listed[name] = (kind, float(own.rstrip(")")) if own else float(default_cell))
     assert listed == {name: (m.lr_kind(), m.default_lr()) for name, m in METHODS.items()}

@@ -106,6 +106,7 @@ class Method:
     reference: bool = False      # the single-task reference of a comparison (its diagonal gives FWT)
     # The option `petmix tune` searches beside the learning rate, and its grid.
     tuned_option: tuple[str, tuple[float, ...]] | None = None
+    tuned_lr: float | None = None  # `petmix tune`'s pick on the default model where it is not its kind's default
     summary: str = ""
     paper: str = ""
 
@@ -124,8 +125,12 @@ class Method:
         return "lora"
 
     def default_lr(self, prompt_encoder: str | None = None, prompt_depth: str | None = None) -> float:
-        """The learning rate when a run sets none (``DEFAULT_LRS`` by ``lr_kind``)."""
-        return DEFAULT_LRS[self.lr_kind(prompt_encoder, prompt_depth)]
+        """The learning rate when a run sets none: the method's own tuned pick (``tuned_lr``) where the run
+        trains what the method trains, else its kind's (``DEFAULT_LRS`` by ``lr_kind``)."""
+        kind = self.lr_kind(prompt_encoder, prompt_depth)
+        if self.tuned_lr is not None and kind == self.lr_kind():
+            return self.tuned_lr
+        return DEFAULT_LRS[kind]
 
     def router_class(self) -> type:
         from petmix.router import ROUTERS
