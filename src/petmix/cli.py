@@ -452,7 +452,8 @@ def _describe_method(m: Any) -> None:
     print(f"  blocks: {m.block}, {blocks}" + (", one joint stage on all tasks" if m.joint else "")
           + (", each task from the same start (single-task)" if m.independent else ""))
     print(f"  router: {m.routing}" + (" (task id given at test)" if m.task_id_at_test else " (no task id at test)"))
-    print(f"  default lr: {m.default_lr():g} ({m.lr_kind()}; --lr sets another, `petmix tune` picks one on train)")
+    where = "its own tuned pick" if m.tuned_lr is not None else f"its kind's, {m.lr_kind()}"
+    print(f"  default lr: {m.default_lr():g} ({where}, docs/tuned.md; --lr sets another, `petmix tune` picks one on train)")
     if m.needs_sources:
         print("  needs source prompts: --sources (see `petmix sources train`)")
     if m.options is None:
