@@ -20,7 +20,13 @@ OUT="${OUT:-runs/bench/attempt}"
 SRC="$OUT/sources"
 K="${K:-32}"
 EPOCHS="${EPOCHS:-6}"
-.venv/bin/petmix sources train --config benchmarks/configs/attempt_sources_cpu.yaml --out "$SRC"
+# The source prompts are kept beside the runs (benchmarks/results/runs/attempt/sources, 190 KB): trained
+# again elsewhere (another machine or thread count) they come out as other prompts, and every kept ATTEMPT
+# run records the digests of the ones it read. A fresh clone copies them in instead of training.
+KEPT_SRC="${ARCHIVE:-benchmarks/results/runs}/attempt/sources"
+if [ ! -f "$SRC/index.json" ] && [ -f "$KEPT_SRC/index.json" ]; then mkdir -p "$SRC" && cp "$KEPT_SRC"/* "$SRC"/; fi
+[ -f "$SRC/index.json" ] || .venv/bin/petmix sources train --config benchmarks/configs/attempt_sources_cpu.yaml --out "$SRC"
+[ -f "$KEPT_SRC/index.json" ] || { mkdir -p "$KEPT_SRC" && cp "$SRC"/*.safetensors "$SRC"/*.json "$KEPT_SRC"/; }
 COMMON=(--config benchmarks/configs/attempt_cpu.yaml --sources "$SRC" --max-train "$K" --epochs "$EPOCHS")
 # Methods whose prompts start from random vocabulary embeddings (SPoT: from the source its probe picks) ...
 PLAIN="${PLAIN:-prompt-tuning,prefix-tuning,p-tuning,p-tuning-v2,bitfit,lora,full-ft,spot}"

@@ -294,3 +294,23 @@ def test_attempt_m_trains_every_task_target_prompt(tiny_llama_path, source_files
     after = load_file(tmp_path / "m" / "adapters.safetensors")
     for k in range(len(tasks)):
         assert not torch.allclose(after[f"prompt.{m + k}"], before[k]), f"target prompt of task {k} did not train"
+
+
+def test_a_run_records_its_source_prompts_and_refuses_other_ones_of_the_same_name(source_files, tmp_path):
+    """Source prompts retrained into the same folder (another machine, another thread count) are other
+    prompts: a kept run made with the first ones is not read as a run with the new ones."""
+    from petmix.runs import write_json
+    from petmix.train import run_identity, run_settings_diff
+
+    lib, paths = source_files
+    cfg = TrainConfig(method="attempt", sources=[str(lib)])
+    identity = run_identity(cfg, ["rte"])
+    assert set(identity["source_digests"]) == {"mnli.safetensors", "sst2.safetensors"}
+    run = tmp_path / "run"
+    write_json(run / "config.json", identity)
+    assert run_settings_diff(run, cfg, ["rte"]) == []
+    save_tensors(paths[1], {"prompt": torch.zeros(10, 4)})  # sst2 retrained: same name, other prompt
+    assert run_settings_diff(run, cfg, ["rte"]) == ["source_digests"]
+    write_json(run / "config.json", {k: v for k, v in identity.items() if k != "source_digests"})
+    assert run_settings_diff(run, cfg, ["rte"]) == []  # a run from before digests were recorded: the rest counts
+    assert "source_digests" not in run_identity(TrainConfig(method="lora"), ["rte"])

@@ -7,6 +7,7 @@ listing them in order. ATTEMPT and SPoT take ``sources``: library folders and/or
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,12 @@ def export_prompt(path: str | Path, prompt: torch.Tensor, meta: dict[str, Any]) 
 def prompt_meta(path: str | Path) -> dict[str, Any]:
     side = Path(path).with_suffix(".json")
     return read_json(side) if side.is_file() else {"task": Path(path).stem}
+
+
+def source_digests(specs: list[str]) -> dict[str, str]:
+    """Each source prompt file's name -> the first 16 hex digits of its SHA-256. A run records them: the
+    same folder retrained (on other hardware, or with another thread count) holds other prompts."""
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest()[:16] for p in resolve_sources(specs)}
 
 
 def resolve_sources(specs: list[str]) -> list[Path]:

@@ -44,7 +44,7 @@ from petmix.runs import (
     write_json,
     write_jsonl,
 )
-from petmix.sources import export_prompt, resolve_sources
+from petmix.sources import export_prompt, resolve_sources, source_digests
 
 __all__ = ["TrainConfig", "Trainer"]  # TrainConfig lives in petmix.config; importable from here as before
 
@@ -84,7 +84,16 @@ def run_settings_diff(run_dir: Path, cfg: TrainConfig, task_names: list[str]) ->
     path = run_dir / "config.json"
     if not path.is_file():
         return []
-    return settings_diff(read_json(path), {**cfg.to_dict(), "tasks": task_names})
+    return settings_diff(read_json(path), run_identity(cfg, task_names))
+
+
+def run_identity(cfg: TrainConfig, task_names: list[str]) -> dict[str, Any]:
+    """What a run's config.json records and a kept run must match: the settings, the tasks and, where it
+    reads source prompts, their digests (runs from before these were recorded match on the rest)."""
+    identity = {**cfg.to_dict(), "tasks": list(task_names)}
+    if cfg.sources:
+        identity["source_digests"] = source_digests(cfg.sources)
+    return identity
 
 
 def routing_summary(rows: list[dict[str, Any]], names: list[str]) -> dict[str, Any]:
@@ -146,7 +155,7 @@ class Trainer:
 
     # ---- run directory -------------------------------------------------------------------
     def _check_run_dir(self) -> dict[str, Any]:
-        resolved = {**self.cfg.to_dict(), "tasks": [t.name for t in self.tasks]}
+        resolved = run_identity(self.cfg, [t.name for t in self.tasks])
         cfg_path = self.out / "config.json"
         # A folder where no stage has made progress yet (a run that failed early) takes the new settings.
         started = any((self.out / n).exists() for n in ("state", "state.prev", "stages.json", ".state.old"))
