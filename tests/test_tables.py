@@ -211,7 +211,6 @@ def test_an_unset_lr_is_the_methods_own_and_a_set_one_wins(tiny_llama_path, tmp_
     from petmix.config import TrainConfig
 
     assert TrainConfig(method="prompt-tuning").lr == 1e-1  # raw soft prompt
-    assert TrainConfig(method="sapt-prompt").lr == 1e-1  # its router has router_lr; the prompts the raw rate
     assert TrainConfig(method="attempt", sources=["x"]).lr == 3e-2  # G trains with its prompt
     assert TrainConfig(method="attempt-m", sources=["x"]).lr == 3e-2
     assert TrainConfig(method="sapt-lora").lr == 3e-3  # its own tuned pick (Method.tuned_lr) ...
@@ -220,7 +219,8 @@ def test_an_unset_lr_is_the_methods_own_and_a_set_one_wins(tiny_llama_path, tmp_
     assert TrainConfig(method="p-tuning-v2").lr == 3e-3  # a raw prompt at every layer
     assert TrainConfig(method="prompt-tuning", prompt_depth="deep").lr == 3e-3
     assert TrainConfig(method="prompt-tuning", prompt_encoder="mlp").lr == 1e-3
-    assert TrainConfig(method="full-ft").lr == 5e-5
+    assert TrainConfig(method="full-ft").lr == 1e-5
+    assert TrainConfig(method="sapt-prompt").lr == 3e-1
     assert TrainConfig(method="prompt-tuning", lr=0.5).lr == 0.5
     from petmix.tune import LR_GRIDS, lr_grid  # tune searches the grid of the same kind around each default
     for method, kind in [("prompt-tuning", "prompt"), ("attempt", "prompt-attention"), ("p-tuning-v2", "prompt-deep"), ("p-tuning", "prompt-encoder"),
@@ -243,14 +243,14 @@ def test_an_unset_lr_is_the_methods_own_and_a_set_one_wins(tiny_llama_path, tmp_
             "--tasks", str(Path(__file__).parent / "fixtures" / "generic_folder"), "--model", str(tiny_llama_path)]
     with pytest.raises(Stop):  # no lr set: each entry trains at its own method's rate
         main([*argv, "--out", str(tmp_path / "a")])
-    assert seen == {"prompt-tuning": 1e-1, "lora": 1e-3, "full-ft": 5e-5, "pt-slow": 1e-3}
+    assert seen == {"prompt-tuning": 1e-1, "lora": 1e-3, "full-ft": 1e-5, "pt-slow": 1e-3}
     with pytest.raises(Stop):  # --lr sets every entry's, and an entry's own value still wins
         main([*argv, "--lr", "2e-3", "--out", str(tmp_path / "b")])
     assert seen == {"prompt-tuning": 2e-3, "lora": 2e-3, "full-ft": 2e-3, "pt-slow": 1e-3}
     (tmp_path / "null.yaml").write_text("lr: null\n")  # null is no rate: each entry's own again
     with pytest.raises(Stop):
         main([*argv, "--config", str(tmp_path / "null.yaml"), "--out", str(tmp_path / "c")])
-    assert seen == {"prompt-tuning": 1e-1, "lora": 1e-3, "full-ft": 5e-5, "pt-slow": 1e-3}
+    assert seen == {"prompt-tuning": 1e-1, "lora": 1e-3, "full-ft": 1e-5, "pt-slow": 1e-3}
 
 
 @pytest.mark.parametrize(("peak", "tried", "chosen"), [

@@ -35,10 +35,11 @@ class TrainConfig:
     tasks: list[str] = setting(help="comma-separated task names or folders, in stream order", factory=list)
     stream: str | None = setting(None, "named stream instead of tasks (default, superni-order1, ...)")
     epochs: float = setting(1.0, "epochs per task (fractions allowed)", gt=0, le=1e6)
-    # None: the method's own (petmix.methods.base.DEFAULT_LRS, chosen by `petmix tune` on the default model;
-    # 1e-3 for LoRA at CPU budgets, where the paper has 3e-4 T5, 5e-5 LLaMA: configs/paper)
-    lr: float | None = setting(None, "learning rate (constant); default the method's: 3e-2 raw soft prompts, 3e-3 "
-                                     "deep ones, 1e-3 LoRA, BitFit and prompt encoders, 5e-5 full weights", gt=0)
+    # None: the method's own (Method.default_lr: DEFAULT_LRS by kind, or the method's tuned_lr, chosen by
+    # `petmix tune` on the default model; the papers' rates are in configs/paper: 3e-4 T5, 5e-5 LLaMA)
+    lr: float | None = setting(None, "learning rate (constant); default the method's (`petmix methods NAME`): 1e-1 "
+                                     "raw soft prompts, 3e-2 ATTEMPT, 3e-3 deep prompts, 1e-3 LoRA (3e-3 sapt-lora, "
+                                     "per-task-lora), BitFit and prompt encoders, 1e-5 full weights", gt=0)
     batch_size: int = setting(8, "examples per micro-batch", ge=1)
     grad_accum: int = setting(1, "micro-batches per optimiser step", ge=1)
     max_train: int | None = setting(None, "cap on training examples per task", ge=1)

@@ -1,7 +1,7 @@
 """``petmix tune``: choose a method's learning rate (and its most sensitive option) without test data.
 
 One learning rate for every method measures the learning rate, not the method (prompt tuning learns at
-3e-2 and barely at 1e-3; full fine-tuning wants 5e-5). So each method gets its own, chosen on a
+1e-1 and barely at 1e-3; full fine-tuning wants 1e-5). So each method gets its own, chosen on a
 validation split carved from the TRAIN split of the stream's first tasks; the test split is dropped
 as soon as the tasks are loaded and never read. The search is small and coordinate-wise, on
 log-spaced grids: first the learning rate at the option's default, then the option at the chosen

@@ -84,7 +84,7 @@ HookFactory = Callable[[Stage, Any], "StageHook | None"]
 # prompts (and ATTEMPT's attention G, which trains with its prompt) want a rate ~30x LoRA's, a prompt at
 # every layer a tenth of that. docs/tuned.md says which values `petmix tune` picked on the default model.
 DEFAULT_LRS: dict[str, float] = {"prompt": 1e-1, "prompt-attention": 3e-2, "prompt-deep": 3e-3,
-                                 "prompt-encoder": 1e-3, "lora": 1e-3, "full": 5e-5}
+                                 "prompt-encoder": 1e-3, "lora": 1e-3, "full": 1e-5}
 
 
 @dataclass(frozen=True)
