@@ -20,7 +20,7 @@ OUT="${OUT:-runs/bench/attempt}"
 SRC="$OUT/sources"
 K="${K:-32}"
 EPOCHS="${EPOCHS:-6}"
-# The source prompts are kept beside the runs (benchmarks/results/runs/attempt/sources, 190 KB): trained
+# The source prompts are kept beside the runs (benchmarks/results/runs/attempt/sources, 212 KB): trained
 # again elsewhere (another machine or thread count) they come out as other prompts, and every kept ATTEMPT
 # run records the digests of the ones it read. A fresh clone copies them in instead of training.
 KEPT_SRC="${ARCHIVE:-benchmarks/results/runs}/attempt/sources"
