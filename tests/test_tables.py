@@ -310,6 +310,32 @@ def test_tuned_option_must_beat_the_default_and_an_inert_one_is_named(tmp_path, 
     assert "notes" not in one  # one value tried is no evidence either way
 
 
+@pytest.mark.parametrize(("reflection", "searched"), [([None, 0.0, 0.0], False), ([None, 0.0, 0.2], True),
+                                                     ([None, None, None], True)])
+def test_an_option_whose_loss_term_stayed_zero_is_not_searched(tmp_path, monkeypatch, reflection, searched):
+    """kl_ratio multiplies SAPT's reflection loss: where that loss was ~0 in every stage of the chosen run,
+    every kl_ratio trains the same run, so tune does not train the others and says why."""
+    import petmix.tune as tune
+    from petmix.runs import write_json
+
+    trained: list[dict] = []
+
+    class FakeTrainer:
+        def __init__(self, cfg, tasks, run):
+            self.cfg, self.run_dir = cfg, run
+
+        def run(self):
+            trained.append({"lr": self.cfg.lr, "kl_ratio": self.cfg.kl_ratio})
+            write_json(self.run_dir / "stages.json", [{"mean_reflection_loss": v} for v in reflection])
+            return {"metrics": {"AP": 50 - abs(math.log10(self.cfg.lr / 1e-3))}}
+
+    monkeypatch.setattr(tune, "Trainer", FakeTrainer)
+    result = tune.tune_method("sapt-lora", {}, make_tasks(3, n_train=8), tmp_path)
+    assert result["settings"] == {"lr": 1e-3, "kl_ratio": 0.5}
+    assert any(t["kl_ratio"] != 0.5 for t in trained) == searched
+    assert any("not searched" in n for n in result.get("notes", [])) == (not searched)
+
+
 def test_docs_tuned_lists_every_method_under_its_kind_and_default():
     """docs/tuned.md's table of default learning rates says what the code does, for every method."""
     from petmix.methods import METHODS

@@ -94,6 +94,27 @@ def _fmt(v: Any) -> str:
     return f"{v:g}" if isinstance(v, float) else str(v)
 
 
+def _name(settings: dict[str, Any]) -> str:
+    """A candidate's folder: its settings, e.g. ``lr-0.003-kl_ratio-0.5``."""
+    return "-".join(f"{k}-{_fmt(v)}" for k, v in settings.items())
+
+
+INERT_LOSS = 1e-6  # a stage's recorded mean of the term (6 decimals): at or below it, the term moved nothing
+
+
+def _inert_option(method: str, run: Path) -> str | None:
+    """Why no value of ``method``'s tuned option can change ``run`` (trained at the option's default), or
+    None. The option multiplies a loss term; if that term was ~0 in every stage where it was added, the
+    run trained as without it, and any other multiplier of ~0 trains it the same way again."""
+    key = get_method(method).tuned_option_loss
+    stages = read_json(run / "stages.json") if key and (run / "stages.json").is_file() else []
+    values = [s[key] for s in stages if isinstance(s, dict) and s.get(key) is not None]
+    if not values or max(abs(float(v)) for v in values) > INERT_LOSS:
+        return None
+    return (f"the term it multiplies ({key}) was at most {INERT_LOSS:g} in every stage at the chosen rate, so "
+            "every value trains the same run (SAPT on two tasks: the prototype router is one-hot there)")
+
+
 def check_kept_candidates(method: str, base: dict[str, Any], tasks: list[Task], out: str | Path) -> None:
     """Refuse, before anything trains, a finished candidate under ``out/<method>`` (from an earlier run
     or an archive) whose settings differ from these in more than what the search varies."""
@@ -127,7 +148,7 @@ def tune_method(method: str, base: dict[str, Any], tasks: list[Task], out: str |
         for c in candidates:
             if c["settings"] == settings:
                 return c["score"]
-        name = "-".join(f"{k}-{_fmt(v)}" for k, v in settings.items())
+        name = _name(settings)
         cfg = TrainConfig.from_dict({**base, "method": method, **settings}, f"tune {method} {name}")
         run = out / name
         done = finished_run(run, method, len(tasks))
@@ -158,7 +179,11 @@ def tune_method(method: str, base: dict[str, Any], tasks: list[Task], out: str |
         lrs = wider
         chosen = best_of([{"lr": lr, **default_opt} for lr in lrs])
     notes = []
-    if opt is not None:
+    inert = _inert_option(method, out / _name(chosen)) if opt is not None else None
+    if inert:
+        notes.append(f"{opt[0]}: not searched: {inert}; the default {_fmt(default_opt[opt[0]])} is kept")
+        log.info("tune %s: %s", method, notes[-1])
+    elif opt is not None:
         key, default = opt[0], default_opt[opt[0]]
         values = [default, *sorted(set(opt[1]) - {default})]  # the default first: another value must beat it
         chosen = best_of([{**chosen, key: v} for v in values])

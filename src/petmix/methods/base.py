@@ -106,6 +106,9 @@ class Method:
     reference: bool = False      # the single-task reference of a comparison (its diagonal gives FWT)
     # The option `petmix tune` searches beside the learning rate, and its grid.
     tuned_option: tuple[str, tuple[float, ...]] | None = None
+    # The stage record (stages.json) of the loss term the option multiplies, if it multiplies one: where that
+    # term is ~0 in every stage of the run at the default, no value of the option changes the run.
+    tuned_option_loss: str | None = None
     tuned_lr: float | None = None  # `petmix tune`'s pick on the default model where it is not its kind's default
     summary: str = ""
     paper: str = ""
