@@ -278,6 +278,10 @@ def test_tune_steps_past_a_winning_end_of_its_grid(tmp_path, monkeypatch, peak, 
     assert result["settings"] == {"lr": chosen}
     assert sorted(trained) == pytest.approx(sorted(tried)) and len(set(trained)) == len(trained)  # each once
     assert result["grid"]["lr"] == pytest.approx(tried)
+    trained.clear()  # a flat grid (every candidate 0: nothing learned) has no winning end to step past
+    monkeypatch.setattr(FakeTrainer, "run", lambda self: trained.append(self.lr) or {"metrics": {"AP": 0.0}})
+    flat = tune.tune_method("lora", {}, make_tasks(2, n_train=8), tmp_path / "flat")
+    assert sorted(trained) == pytest.approx([3e-4, 1e-3, 3e-3]) and flat["settings"] == {"lr": 3e-4}
     trained.clear()  # a grid given (--lr-grid) is searched as given, even where its end wins
     given = tune.tune_method("lora", {}, make_tasks(2, n_train=8), tmp_path / "given", lrs=[1e-2, 3e-2])
     assert given["grid"]["lr"] == [1e-2, 3e-2] and sorted(trained) == [1e-2, 3e-2]

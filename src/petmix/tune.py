@@ -172,8 +172,9 @@ def tune_method(method: str, base: dict[str, Any], tasks: list[Task], out: str |
     chosen = best_of([{"lr": lr, **default_opt} for lr in lrs])
     for _ in range(EDGE_STEPS if extend else 0):
         wider = step_past_edge(lrs, chosen["lr"])
-        if wider is None:
-            break
+        inner = sorted(lrs)[1] if chosen["lr"] == min(lrs) else sorted(lrs)[-2]
+        if wider is None or score({"lr": inner, **default_opt}) >= score(chosen):
+            break  # inside the grid, or an end that only ties its neighbour (all 0, say): no direction to go
         log.info("tune %s: lr %g is at the end of the grid; trying %s too", method, chosen["lr"],
                  _fmt(next(v for v in wider if v not in lrs)))
         lrs = wider
