@@ -74,8 +74,9 @@ def save(out: Path, dest: Path) -> list[Path]:
 
 
 def _merge_tuned(new: Path, kept: Path) -> None:
-    """Write ``new``'s choices over ``kept``'s, method by method: two tunings of other methods into one
-    archive (two processes, or two clones) keep both; a method in both takes ``new``'s choice."""
+    """Merge ``new``'s choices into ``kept``'s, method by method: two tunings of other methods into one
+    archive (two processes, or two clones) keep both; a method in both keeps the later choice (its
+    ``tuned_at``; an entry without one is older), whichever file it came in."""
     tmp = kept.with_name(f".{TUNED}.tmp")
     if not kept.is_file():  # nothing to merge: the file as petmix wrote it
         shutil.copyfile(new, tmp)
@@ -85,7 +86,10 @@ def _merge_tuned(new: Path, kept: Path) -> None:
     text = new.read_text(encoding="utf-8")
     fresh = (yaml.safe_load(text) or {}).get("methods") or {}
     header = "".join(line for line in text.splitlines(keepends=True) if line.startswith("#"))
-    tmp.write_text(header + yaml.safe_dump({"methods": {**methods, **fresh}}, sort_keys=False), encoding="utf-8")
+    for name, entry in fresh.items():
+        if str((entry or {}).get("tuned_at", "")) >= str((methods.get(name) or {}).get("tuned_at", "")):
+            methods[name] = entry
+    tmp.write_text(header + yaml.safe_dump({"methods": methods}, sort_keys=False), encoding="utf-8")
     tmp.replace(kept)
 
 

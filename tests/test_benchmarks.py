@@ -148,8 +148,16 @@ def test_archive_keeps_a_tuning_folder_choices_and_candidates(tmp_path):
                                       "  lora:\n    settings: {lr: 0.0003}\n")
     archive.save(other, tmp_path / "archive")
     kept = yaml.safe_load((tmp_path / "archive" / "tuned.yaml").read_text())["methods"]
-    assert kept == {"lora": {"settings": {"lr": 0.0003}}, "bitfit": {"settings": {"lr": 0.003}}}  # newer wins
+    assert kept == {"lora": {"settings": {"lr": 0.0003}}, "bitfit": {"settings": {"lr": 0.003}}}  # no stamps: new
     assert (tmp_path / "archive" / "tuned.yaml").read_text().startswith("# header")
+    # a folder that restored an older copy of a method it did not tune does not undo a later choice
+    stamped = "methods:\n  lora:\n    settings: {lr: 0.001}\n    tuned_at: '2026-12-04T08:00:00+00:00'\n"
+    (other / "tuned.yaml").write_text(stamped)
+    archive.save(other, tmp_path / "archive")
+    (other / "tuned.yaml").write_text(stamped.replace("0.001", "0.01").replace("08:00", "07:00"))
+    archive.save(other, tmp_path / "archive")
+    kept = yaml.safe_load((tmp_path / "archive" / "tuned.yaml").read_text())["methods"]
+    assert kept["lora"]["settings"] == {"lr": 0.001} and kept["bitfit"] == {"settings": {"lr": 0.003}}
 
 
 def test_flop_floor_counts_a_hand_made_model(tiny_llama_path, tmp_path):

@@ -12,6 +12,7 @@ read; the file records the command, the split and every candidate's validation s
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import logging
 import math
 import shlex
@@ -226,7 +227,8 @@ def write_tuned(path: str | Path, method: str, result: dict[str, Any], record: d
     data: dict[str, Any] = {}
     if path.is_file():
         data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    data.setdefault("methods", {})[method] = {**result, **record}
+    stamp = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")  # newest wins a merge
+    data.setdefault("methods", {})[method] = {**result, **record, "tuned_at": stamp}
     path.parent.mkdir(parents=True, exist_ok=True)
     header = ("# Settings chosen by `petmix tune` on validation splits carved from train (never test).\n"
               "# Read by `petmix compare --tuned FILE` and `petmix train --tuned FILE`.\n")
