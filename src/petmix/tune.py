@@ -54,15 +54,14 @@ def lr_grid(method: str, cfg: TrainConfig) -> list[float]:
     return LR_GRIDS[get_method(method).lr_kind(cfg.prompt_encoder, cfg.prompt_depth)]
 
 
-def step_past_edge(lrs: list[float], best: float) -> list[float] | None:
-    """``lrs`` with one more rate beyond the end ``best`` sits at (ten times its inner neighbour: 1e-1 after
-    3e-2, 1e-3 before 1e-2), or None where ``best`` is inside or the grid has a single rate."""
+def past_edge(lrs: list[float], best: float) -> tuple[float, float] | None:
+    """Where ``best`` is an end of the grid: its inner neighbour, and the rate one step beyond it (ten
+    times the neighbour: 3e-1 past 1e-1 after 3e-2; 1e-3 below 3e-3 before 1e-2). None inside the grid."""
     grid = sorted(lrs)
     if len(grid) < 2 or grid[0] < best < grid[-1]:
         return None
-    if best == grid[-1]:
-        return [*grid, float(f"{grid[-2] * 10:.3g}")]
-    return [float(f"{grid[1] / 10:.3g}"), *grid]
+    inner = grid[-2] if best == grid[-1] else grid[1]
+    return inner, float(f"{inner * 10 if best == grid[-1] else inner / 10:.3g}")
 
 
 def option_grid(method: str) -> tuple[str, list[Any]] | None:
@@ -172,13 +171,11 @@ def tune_method(method: str, base: dict[str, Any], tasks: list[Task], out: str |
     default_opt = {} if opt is None else {opt[0]: getattr(cfg0, opt[0])}
     chosen = best_of([{"lr": lr, **default_opt} for lr in lrs])
     for _ in range(EDGE_STEPS if extend else 0):
-        wider = step_past_edge(lrs, chosen["lr"])
-        inner = sorted(lrs)[1] if chosen["lr"] == min(lrs) else sorted(lrs)[-2]
-        if wider is None or score({"lr": inner, **default_opt}) >= score(chosen):
+        edge = past_edge(lrs, chosen["lr"])
+        if edge is None or score({"lr": edge[0], **default_opt}) >= score(chosen):
             break  # inside the grid, or an end that only ties its neighbour (all 0, say): no direction to go
-        log.info("tune %s: lr %g is at the end of the grid; trying %s too", method, chosen["lr"],
-                 _fmt(next(v for v in wider if v not in lrs)))
-        lrs = wider
+        log.info("tune %s: lr %g is at the end of the grid; trying %s too", method, chosen["lr"], _fmt(edge[1]))
+        lrs = sorted([*lrs, edge[1]])
         chosen = best_of([{"lr": lr, **default_opt} for lr in lrs])
     notes = []
     inert = _inert_option(method, out / _name(chosen)) if opt is not None else None
