@@ -136,6 +136,8 @@ CASES: list[tuple[str, object, tuple[str, ...], object]] = [
     ("ewc-online-word", _train("--ewc-online", "maybe"), ("--ewc-online",), None),
     ("lwf-temperature-0", _train("--lwf-temperature", "0"), ("--lwf-temperature",), None),
     ("prompt-depth", _train("--prompt-depth", "middle"), ("--prompt-depth", "shallow"), None),
+    ("residual-without-encoder", _train("--method", "prompt-tuning", "--prompt-encoder-residual", "true"),
+     ("--prompt-encoder-residual", "no prompt encoder"), None),
     ("buffer-sampling", _train("--buffer-sampling", "foo"), ("--buffer-sampling",), None),
     ("attempt-temperature-0", _train("--attempt-temperature", "0"), ("--attempt-temperature",), None),
     ("model-empty", _train(M, ""), ("--model",), None),

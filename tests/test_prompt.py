@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from test_train import make_tasks
 
 from petmix.backbone import load_backbone
 from petmix.blocks.prompt import PromptConfig, PromptPool
 from petmix.data.collate import encode_answers, encode_prompts, prompt_batch, training_batch
+from petmix.errors import PetmixError
 from petmix.mixture import Mixture
 from petmix.runs import save_tensors
 from petmix.train import TrainConfig, Trainer
@@ -35,6 +37,34 @@ def test_prompt_init_from_vocabulary_and_file(tiny_llama_path, tmp_path):
     pool = PromptPool(backbone, PromptConfig(length=4, init=str(tmp_path / "p.safetensors")))
     pool.add_block()
     assert torch.all(pool.prompts[0] == 0.5)
+
+
+def test_residual_encoder_starts_at_the_raw_prompt_and_learns(tiny_llama_path):
+    """prompt_encoder_residual: P = P_raw + f(P_raw) with f starting at 0, so the encoded prompt is the raw
+    one before training (a plain encoder's is not), and f still gets gradients (its last layer is 0, not
+    frozen). The exported prompt has f folded in."""
+    backbone = load_backbone(str(tiny_llama_path))
+    for kind in ("lstm", "mlp"):
+        plain = PromptPool(backbone, PromptConfig(length=3, encoder=kind, encoder_hidden=16))
+        plain.add_block()
+        assert not torch.allclose(plain.effective(0)[0], plain.prompts[0])
+        pool = PromptPool(backbone, PromptConfig(length=3, encoder=kind, encoder_hidden=16, residual=True))
+        pool.add_block()
+        torch.testing.assert_close(pool.effective(0)[0], pool.prompts[0].detach())
+        pool.effective(0).pow(2).sum().backward()
+        last = pool.encoders[0].mlp[-1]
+        assert last.weight.grad is not None and last.weight.grad.abs().sum() > 0
+        with torch.no_grad():
+            last.bias.fill_(0.25)
+        torch.testing.assert_close(pool.export(0), pool.prompts[0].detach() + 0.25)
+
+
+def test_residual_needs_an_encoder():
+    assert TrainConfig.from_dict({"method": "p-tuning", "prompt_encoder_residual": True}, check_files=False)
+    with pytest.raises(PetmixError, match="prompt_encoder_residual: prompt-tuning has no prompt encoder"):
+        TrainConfig.from_dict({"method": "prompt-tuning", "prompt_encoder_residual": True}, check_files=False)
+    assert TrainConfig.from_dict({"method": "prompt-tuning", "prompt_encoder": "mlp",
+                                    "prompt_encoder_residual": True}, check_files=False)
 
 
 def test_left_padded_prompt_keeps_positions(tiny_llama_path):

@@ -41,6 +41,7 @@ def block_config(cfg: TrainConfig, method: Method, sources: list[Path] | None = 
             init = str(find_source(init, sources))  # a source prompt named by its task
         return PromptConfig(cfg.prompt_length, init, combine=method.combine, depth=cfg.prompt_depth or method.depth,
                             encoder=cfg.prompt_encoder or method.encoder, encoder_hidden=cfg.prompt_encoder_hidden,
+                            residual=cfg.prompt_encoder_residual,
                             sources=[str(p) for p in sources or []] if method.router_class().uses_sources else [])
     if method.block == "full":
         return FullConfig(cfg.unfreeze)

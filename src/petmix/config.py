@@ -63,6 +63,9 @@ class TrainConfig:
     prompt_encoder: str | None = setting(None, "prompt methods: none, mlp or lstm reparameterisation; default the "
                                                "method's", choices=("none", "mlp", "lstm"))
     prompt_encoder_hidden: int = setting(512, "hidden width of the prompt encoder", ge=1)
+    prompt_encoder_residual: bool = setting(False, "prompt encoder: add its output to the raw prompt, its last "
+                                                   "layer starting at zero, so training starts from the raw prompt "
+                                                   "(residual reparameterisation; not the papers' default)")
     unfreeze: str = setting("all", "full-backbone blocks: all (default), last:N (top N layers, final norm, head) "
                                    "or a name regex")
     sources: list[str] = setting(help="source-prompt libraries or .safetensors files, comma-separated (methods "
@@ -174,6 +177,10 @@ class TrainConfig:
         for key, problem in method.check(self):
             raise PetmixError(f"{name(key)}: {problem}")
         _check_unfreeze(self.unfreeze, name("unfreeze"))
+        if self.prompt_encoder_residual and (method.block != "prompt"
+                                             or (self.prompt_encoder or method.encoder) in (None, "none")):
+            raise PetmixError(f"{name('prompt_encoder_residual')}: {self.method} has no prompt encoder (set "
+                              f"prompt_encoder mlp or lstm, or use p-tuning or prefix-tuning)")
         self.generator_config(name("generator"))
         if self.stream is not None:
             from petmix.data.streams import resolve_stream

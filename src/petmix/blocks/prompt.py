@@ -5,7 +5,9 @@ Block kinds, all in one pool (one tensor per block, ``[L, d]`` shallow or ``[dep
 - *deep* prompts (``depth="deep"``: P-tuning v2, prefix tuning) also replace the hidden states at the
   prompt positions at the input of every later transformer layer, so each layer has its own prompt;
 - a *reparameterised* prompt (``encoder="mlp"`` or ``"lstm"``: prefix tuning, P-tuning) is the output of
-  a small network applied to the raw prompt; exported prompts have it folded in;
+  a small network applied to the raw prompt; exported prompts have it folded in. With ``residual`` it is
+  the raw prompt plus that output, the network's last layer starting at zero, so training starts from
+  the raw prompt (residual reparameterisation, Razdaibiedina et al., 2023);
 - *sources* are frozen prompts loaded from files, the first blocks of the pool (ATTEMPT).
 
 Combining (``combine``): ``"sum"`` gives ``sum_i w_i P_i`` for weights ``[B, n]`` (or per prompt token,
@@ -41,6 +43,7 @@ class PromptConfig:
     depth: str = "shallow"  # "shallow" | "deep"
     encoder: str = "none"  # "none" | "mlp" | "lstm": reparameterisation of each trained prompt
     encoder_hidden: int = 512
+    residual: bool = False  # encoder output added to the raw prompt, starting at 0 (not the paper's P-tuning)
     sources: list[str] = field(default_factory=list)  # frozen prompt files, the pool's first blocks
 
 
@@ -56,21 +59,30 @@ def load_prompt_file(path: str | Path) -> torch.Tensor:
 
 
 class PromptEncoder(nn.Module):
-    """Reparameterisation ``P = f(P_raw)``: an MLP (prefix tuning) or a BiLSTM then an MLP (P-tuning)."""
+    """Reparameterisation ``P = f(P_raw)``: an MLP (prefix tuning) or a BiLSTM then an MLP (P-tuning).
 
-    def __init__(self, kind: str, d: int, hidden: int):
+    ``residual``: ``P = P_raw + f(P_raw)`` with f's last layer at zero, so ``P`` starts as ``P_raw``. A fresh
+    f maps a vocabulary embedding far from every token (docs/tuned.md: P-tuning); this starts where prompt
+    tuning starts and lets f learn a correction."""
+
+    def __init__(self, kind: str, d: int, hidden: int, residual: bool = False):
         super().__init__()
         self.kind = kind
+        self.residual = residual
         self.lstm = nn.LSTM(d, d // 2, num_layers=2, bidirectional=True, batch_first=True) if kind == "lstm" else None
         act = nn.ReLU() if kind == "lstm" else nn.Tanh()
         self.mlp = nn.Sequential(nn.Linear(d, hidden), act, nn.Linear(hidden, d))
+        if residual:
+            nn.init.zeros_(self.mlp[-1].weight)
+            nn.init.zeros_(self.mlp[-1].bias)
 
     def forward(self, raw: torch.Tensor) -> torch.Tensor:
         x = raw if raw.dim() == 3 else raw.unsqueeze(0)  # [depth, L, d]: each layer's prompt is a sequence
         if self.lstm is not None:
             x = self.lstm(x)[0]
         x = self.mlp(x)
-        return x if raw.dim() == 3 else x.squeeze(0)
+        x = x if raw.dim() == 3 else x.squeeze(0)
+        return raw + x if self.residual else x
 
 
 def concat_selected(stacked: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -136,7 +148,8 @@ class PromptPool:
     def add_block(self) -> int:
         self.prompts.append(nn.Parameter(self._initial()))
         if self.cfg.encoder != "none":
-            enc = PromptEncoder(self.cfg.encoder, self.backbone.hidden_size, self.cfg.encoder_hidden)
+            enc = PromptEncoder(self.cfg.encoder, self.backbone.hidden_size, self.cfg.encoder_hidden,
+                                self.cfg.residual)
             self.encoders.append(enc.to(self.backbone.device))
         return self.num_blocks - 1
 
