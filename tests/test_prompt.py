@@ -65,6 +65,8 @@ def test_residual_needs_an_encoder():
         TrainConfig.from_dict({"method": "prompt-tuning", "prompt_encoder_residual": True}, check_files=False)
     assert TrainConfig.from_dict({"method": "prompt-tuning", "prompt_encoder": "mlp",
                                     "prompt_encoder_residual": True}, check_files=False)
+    # a LoRA base of compare or tune ignores it, as it ignores prompt_length
+    assert TrainConfig.from_dict({"method": "lora", "prompt_encoder_residual": True}, check_files=False)
 
 
 def test_left_padded_prompt_keeps_positions(tiny_llama_path):

@@ -63,7 +63,7 @@ class TrainConfig:
     prompt_encoder: str | None = setting(None, "prompt methods: none, mlp or lstm reparameterisation; default the "
                                                "method's", choices=("none", "mlp", "lstm"))
     prompt_encoder_hidden: int = setting(512, "hidden width of the prompt encoder", ge=1)
-    prompt_encoder_residual: bool = setting(False, "prompt encoder: add its output to the raw prompt, its last "
+    prompt_encoder_residual: bool = setting(False, "prompt methods with an encoder: add its output to the raw prompt, its last "
                                                    "layer starting at zero, so training starts from the raw prompt "
                                                    "(residual reparameterisation; not the papers' default)")
     unfreeze: str = setting("all", "full-backbone blocks: all (default), last:N (top N layers, final norm, head) "
@@ -177,8 +177,8 @@ class TrainConfig:
         for key, problem in method.check(self):
             raise PetmixError(f"{name(key)}: {problem}")
         _check_unfreeze(self.unfreeze, name("unfreeze"))
-        if self.prompt_encoder_residual and (method.block != "prompt"
-                                             or (self.prompt_encoder or method.encoder) in (None, "none")):
+        # Like prompt_length, it means nothing to other blocks (a compare or tune base may be LoRA).
+        if self.prompt_encoder_residual and method.block == "prompt" and (self.prompt_encoder or method.encoder) in (None, "none"):
             raise PetmixError(f"{name('prompt_encoder_residual')}: {self.method} has no prompt encoder (set "
                               f"prompt_encoder mlp or lstm, or use p-tuning or prefix-tuning)")
         self.generator_config(name("generator"))
