@@ -275,17 +275,46 @@ def test_tune_steps_past_a_winning_end_of_its_grid(tmp_path, monkeypatch, peak, 
             return {"metrics": {"AP": 100 - abs(math.log10(self.lr / peak))}}
 
     monkeypatch.setattr(tune, "Trainer", FakeTrainer)
-    result = tune.tune_method("lora", {}, make_tasks(2, n_train=8), tmp_path)
+    result = tune.tune_method("lora", {}, make_tasks(2, n_train=8, n_test=200), tmp_path)
     assert result["settings"] == {"lr": chosen}
     assert sorted(trained) == pytest.approx(sorted(tried)) and len(set(trained)) == len(trained)  # each once
     assert result["grid"]["lr"] == pytest.approx(tried)
     trained.clear()  # a flat grid (every candidate 0: nothing learned) has no winning end to step past
     monkeypatch.setattr(FakeTrainer, "run", lambda self: trained.append(self.lr) or {"metrics": {"AP": 0.0}})
-    flat = tune.tune_method("lora", {}, make_tasks(2, n_train=8), tmp_path / "flat")
+    flat = tune.tune_method("lora", {}, make_tasks(2, n_train=8, n_test=200), tmp_path / "flat")
     assert sorted(trained) == pytest.approx([3e-4, 1e-3, 3e-3]) and flat["settings"] == {"lr": 3e-4}
     trained.clear()  # a grid given (--lr-grid) is searched as given, even where its end wins
-    given = tune.tune_method("lora", {}, make_tasks(2, n_train=8), tmp_path / "given", lrs=[1e-2, 3e-2])
+    given = tune.tune_method("lora", {}, make_tasks(2, n_train=8, n_test=200), tmp_path / "given", lrs=[1e-2, 3e-2])
     assert given["grid"]["lr"] == [1e-2, 3e-2] and sorted(trained) == [1e-2, 3e-2]
+
+
+@pytest.mark.parametrize(("n_val", "chosen"), [(50, 1e-3), (200, 3e-3)])
+def test_scores_less_than_one_validation_answer_apart_tie_and_the_smaller_rate_wins(tmp_path, monkeypatch, n_val, chosen):
+    """SAPT-Prompt's case: 55.20 at one rate, 55.22 at the next. On two tasks of 50 validation answers one
+    answer moves the AP by up to 1.00 (100 / 2 / 50), so 0.7 apart is no evidence: the smaller rate wins,
+    and tuned.yaml says why. With 200 answers per task (0.25 AP each) 0.7 apart decides."""
+    import petmix.tune as tune
+
+    ap = {3e-4: 40.0, 1e-3: 55.2, 3e-3: 55.9, 1e-2: 30.0}
+
+    class FakeTrainer:
+        def __init__(self, cfg, tasks, run):
+            self.lr = cfg.lr
+
+        def run(self):
+            return {"metrics": {"AP": ap[self.lr]}}
+
+    monkeypatch.setattr(tune, "Trainer", FakeTrainer)
+    tasks = make_tasks(2, n_train=8, n_test=n_val)
+    assert tune.answer_resolution(tasks) == pytest.approx(100 / 2 / n_val)
+    result = tune.tune_method("lora", {}, tasks, tmp_path)
+    assert result["settings"] == {"lr": chosen}
+    assert result["resolution"] == pytest.approx(100 / 2 / n_val)
+    if n_val == 50:
+        assert result["notes"] == ["lr: 0.001 (55.20) chosen over 0.003 (55.90): less than one validation answer apart "
+                                   "(1.00 AP) is a tie, and a tie goes to the first in grid order"]
+    else:
+        assert "notes" not in result
 
 
 @pytest.mark.parametrize(("effect", "chosen"), [(0.0, 0.5), (1.0, 2.0), (-1.0, 0.1)])
@@ -303,7 +332,7 @@ def test_tuned_option_must_beat_the_default_and_an_inert_one_is_named(tmp_path, 
             return {"metrics": {"AP": ap}}
 
     monkeypatch.setattr(tune, "Trainer", FakeTrainer)
-    result = tune.tune_method("sapt-lora", {}, make_tasks(2, n_train=8), tmp_path)
+    result = tune.tune_method("sapt-lora", {}, make_tasks(2, n_train=8, n_test=200), tmp_path)
     assert result["settings"] == {"lr": 1e-3, "kl_ratio": chosen}
     assert ("notes" in result) == (effect == 0.0)
     if effect == 0.0:
@@ -311,7 +340,7 @@ def test_tuned_option_must_beat_the_default_and_an_inert_one_is_named(tmp_path, 
     tune.write_tuned(tmp_path / "tuned.yaml", "sapt-lora", result, {})
     assert ("- sapt-lora: kl_ratio: every value scored the same" in tune.tuned_table(tmp_path / "tuned.yaml")) == (
         effect == 0.0)  # the table petmix tune prints says it too
-    one = tune.tune_method("sapt-lora", {}, make_tasks(2, n_train=8), tmp_path / "one", options=[0.5])
+    one = tune.tune_method("sapt-lora", {}, make_tasks(2, n_train=8, n_test=200), tmp_path / "one", options=[0.5])
     assert "notes" not in one  # one value tried is no evidence either way
 
 
@@ -335,7 +364,7 @@ def test_an_option_whose_loss_term_stayed_zero_is_not_searched(tmp_path, monkeyp
             return {"metrics": {"AP": 50 - abs(math.log10(self.cfg.lr / 1e-3))}}
 
     monkeypatch.setattr(tune, "Trainer", FakeTrainer)
-    result = tune.tune_method("sapt-lora", {}, make_tasks(3, n_train=8), tmp_path)
+    result = tune.tune_method("sapt-lora", {}, make_tasks(3, n_train=8, n_test=200), tmp_path)
     assert result["settings"] == {"lr": 1e-3, "kl_ratio": 0.5}
     assert any(t["kl_ratio"] != 0.5 for t in trained) == searched
     assert any("not searched" in n for n in result.get("notes", [])) == (not searched)

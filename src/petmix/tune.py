@@ -74,6 +74,11 @@ def option_grid(method: str) -> tuple[str, list[Any]] | None:
     return None
 
 
+def answer_resolution(tasks: list[Task]) -> float:
+    """The most one validation answer can move the AP: 100 points of the smallest task, over the tasks."""
+    return 100 / (len(tasks) * min(max(len(t.test), 1) for t in tasks))
+
+
 def validation_tasks(tasks: list[Task], fraction: float, seed: int, max_val: int | None,
                      max_train: int | None) -> list[Task]:
     """Copies of ``tasks`` whose test split is a seeded part of their train split and whose train is the
@@ -164,35 +169,49 @@ def tune_method(method: str, base: dict[str, Any], tasks: list[Task], out: str |
         candidates.append({"settings": dict(settings), "score": round(value, 4), "run": str(run)})
         return value
 
-    def best_of(grid: list[dict[str, Any]]) -> dict[str, Any]:
-        scores = [score(s) for s in grid]  # ties: the first in grid order (the smaller value)
-        return grid[scores.index(max(scores))]
+    # Scores less than one validation answer apart (in the smallest task) cannot be told apart: they tie,
+    # and a tie goes to the first in grid order (the smaller rate; for an option, the default).
+    resolution = answer_resolution(tasks)
+    ties: dict[str, str] = {}  # per searched setting, the tie that decided its last search
+
+    def best_of(grid: list[dict[str, Any]], searched: str) -> dict[str, Any]:
+        scores = [score(s) for s in grid]
+        top = max(scores)
+        first = next((i for i, v in enumerate(scores) if v > top - resolution), 0)  # all -inf: the first
+        ties.pop(searched, None)
+        if scores[first] < top:
+            ties[searched] = (f"{searched}: {_fmt(grid[first][searched])} ({scores[first]:.2f}) chosen over "
+                              f"{_fmt(grid[scores.index(top)][searched])} ({top:.2f}): less than one validation answer "
+                              f"apart ({resolution:.2f} AP) is a tie, and a tie goes to the first in grid order")
+        return grid[first]
 
     default_opt = {} if opt is None else {opt[0]: getattr(cfg0, opt[0])}
-    chosen = best_of([{"lr": lr, **default_opt} for lr in lrs])
+    chosen = best_of([{"lr": lr, **default_opt} for lr in lrs], "lr")
     for _ in range(EDGE_STEPS if extend else 0):
         edge = past_edge(lrs, chosen["lr"])
-        if edge is None or score({"lr": edge[0], **default_opt}) >= score(chosen):
+        if edge is None or score({"lr": edge[0], **default_opt}) > score(chosen) - resolution:
             break  # inside the grid, or an end that only ties its neighbour (all 0, say): no direction to go
         log.info("tune %s: lr %g is at the end of the grid; trying %s too", method, chosen["lr"], _fmt(edge[1]))
         lrs = sorted([*lrs, edge[1]])
-        chosen = best_of([{"lr": lr, **default_opt} for lr in lrs])
-    notes = []
+        chosen = best_of([{"lr": lr, **default_opt} for lr in lrs], "lr")
+    notes = [ties["lr"]] if "lr" in ties else []
     inert = _inert_option(method, out / _name(chosen)) if opt is not None else None
     if inert:
         notes.append(f"{opt[0]}: not searched: {inert}; the default {_fmt(default_opt[opt[0]])} is kept")
-        log.info("tune %s: %s", method, notes[-1])
     elif opt is not None:
         key, default = opt[0], default_opt[opt[0]]
         values = [default, *sorted(set(opt[1]) - {default})]  # the default first: another value must beat it
-        chosen = best_of([{**chosen, key: v} for v in values])
-        tried = {score({**chosen, key: v}) for v in values}
-        if len(values) > 1 and len(tried) == 1:  # e.g. SAPT's kl_ratio on two tasks, where the router is already one-hot
-            notes.append(f"{key}: every value scored the same ({tried.pop():.2f}), so it had no measurable effect "
+        chosen = best_of([{**chosen, key: v} for v in values], key)
+        tried = [score({**chosen, key: v}) for v in values]
+        if len(values) > 1 and len(set(tried)) == 1:  # e.g. SAPT's kl_ratio on two tasks, where the router is already one-hot
+            notes.append(f"{key}: every value scored the same ({tried[0]:.2f}), so it had no measurable effect "
                          f"on these tasks; the default {_fmt(default)} is kept")
-            log.info("tune %s: %s", method, notes[-1])
+        elif key in ties:
+            notes.append(ties[key])
+    for note in notes:
+        log.info("tune %s: %s", method, note)
     best = next(c for c in candidates if c["settings"] == chosen)
-    return {"settings": chosen, "score": best["score"], "candidates": candidates,
+    return {"settings": chosen, "score": best["score"], "resolution": round(resolution, 4), "candidates": candidates,
             "grid": {"lr": lrs, **({opt[0]: sorted({*opt[1], default_opt[opt[0]]})} if opt else {})},
             **({"notes": notes} if notes else {})}
 
