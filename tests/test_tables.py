@@ -220,7 +220,7 @@ def test_an_unset_lr_is_the_methods_own_and_a_set_one_wins(tiny_llama_path, tmp_
     assert TrainConfig(method="prompt-tuning", prompt_depth="deep").lr == 3e-3
     assert TrainConfig(method="prompt-tuning", prompt_encoder="mlp").lr == 1e-3
     assert TrainConfig(method="full-ft").lr == 1e-5
-    assert TrainConfig(method="sapt-prompt").lr == 3e-1
+    assert TrainConfig(method="sapt-prompt").lr == 1e-1
     assert TrainConfig(method="seq-prompt").lr == 1e-2
     assert TrainConfig(method="prompt-tuning", lr=0.5).lr == 0.5
     from petmix.tune import LR_GRIDS, lr_grid  # tune searches the grid of the same kind around each default

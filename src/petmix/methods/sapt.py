@@ -248,7 +248,7 @@ register_method(
            summary="SAPT: a LoRA block per task, shared attentive learning and selection (no task id)",
            paper="Zhao et al., ACL 2024"),
     Method("sapt-prompt", "attention", True, block="prompt", hooks=(reflection_hook,), options=SAPTOptions,
-           tuned_option=SAPT_TUNED, tuned_option_loss="mean_reflection_loss", tuned_lr=3e-1,  # docs/tuned.md: SuperNI, 55.22 at 3e-1, 55.20 at 1e-1, 50.0 at 1
+           tuned_option=SAPT_TUNED, tuned_option_loss="mean_reflection_loss",  # its kind's 1e-1: docs/tuned.md, SuperNI, 55.20 at 1e-1 ties 55.22 at 3e-1
            summary="SAPT with a soft prompt per task: the instance prompt is the router-weighted sum",
            paper="Zhao et al., ACL 2024"),
 )
