@@ -5,7 +5,8 @@ One learning rate for every method measures the learning rate, not the method (p
 validation split carved from the TRAIN split of the stream's first tasks; the test split is dropped
 as soon as the tasks are loaded and never read. The search is small and coordinate-wise, on
 log-spaced grids: first the learning rate at the option's default, then the option at the chosen
-rate. The choice goes to a YAML file that ``petmix compare --tuned`` and ``petmix train --tuned``
+rate. Scores less than one validation answer apart are a tie, won by the smaller rate (for the option,
+by its default). The choice goes to a YAML file that ``petmix compare --tuned`` and ``petmix train --tuned``
 read; the file records the command, the split and every candidate's validation score.
 """
 
