@@ -83,6 +83,13 @@ def test_compare_over_seeds_reports_mean_std_floors_and_resumes(tiny_llama_path,
                            floors=True)
     assert path.stat().st_mtime == path.stat().st_mtime and (out / "floors" / "zero-shot" / "results.json").stat().st_mtime == floor
     assert again[3]["routing acc"] == 0.75 and "routing acc" in (out / "table.md").read_text()
+    # --no-train tabulates what has finished and trains nothing: a seed or an entry not run says so
+    listed = run_comparison([*entries, Entry.parse("o-lora")], base, make_tasks(2), out, seeds=[0, 1, 2],
+                            tasks_for_seed=lambda s: make_tasks(2), train=False)
+    assert [r["seeds"] for r in listed[:2]] == ["2/3", "2/3"] and "seeds not yet run: 2" in listed[1]["note"]
+    assert listed[2] == {"label": "o-lora", "method": "o-lora", "note": "not yet run"}
+    assert not (out / "inc-lora" / "seed-2").exists() and not (out / "o-lora").exists()
+    assert "not yet run" in (out / "table.md").read_text()
     # a third seed not yet run is shown as missing, not silently averaged away
     partial = run_comparison(entries[1:], base, make_tasks(2), out, seeds=[0, 1, 2],
                              tasks_for_seed=lambda s: make_tasks(2))

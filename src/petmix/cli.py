@@ -228,7 +228,7 @@ def _train_config(args: argparse.Namespace, apply_tuned: bool = False, method: s
             raise PetmixError(f"{path}: expected a mapping of settings (key: value lines) at the top level, "
                               f"got a {type(loaded).__name__}")
         values.update({(k.replace("-", "_") if isinstance(k, str) else k): v for k, v in loaded.items()})
-    skip = {"func", "command", "config", "out", "verbose", "methods", "sources_command", "tuned", "seeds", "no_floors",
+    skip = {"func", "command", "config", "out", "verbose", "methods", "sources_command", "tuned", "seeds", "no_floors", "no_train",
             "tune_tasks", "val_fraction", "val_max", "lr_grid", "option_grid", "tuned_file", "argv"}
     flag_values = {k: v for k, v in vars(args).items() if k not in skip}
     flags = set(flag_values)
@@ -320,7 +320,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     record = {"command": command_line(getattr(args, "argv", None)), "tuned_file": getattr(args, "tuned", None)}
     rows = run_comparison(entries, base, tasks, out, seeds=seeds, tasks_for_seed=tasks_for_seed, tuned=tuned,
                           floors=not args.no_floors, record=record,
-                          before_first=lambda: setup_logging(out, args.verbose))
+                          before_first=lambda: setup_logging(out, args.verbose), train=not args.no_train)
     print((out / "table.md").read_text(encoding="utf-8"))
     print(f"wrote {out / 'table.md'}, {out / 'table.csv'}, {out / 'per_task.md'}, {out / 'matrices.png'}")
     from petmix.report_html import write_compare_html
@@ -590,6 +590,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tuned", help="settings file written by `petmix tune` (each method's lr and option; "
                                    "an entry's own key=value still wins)")
     p.add_argument("--no-floors", action="store_true", help="leave out the majority-label and zero-shot floor rows")
+    p.add_argument("--no-train", action="store_true", help="train nothing: tabulate the runs already finished in "
+                                                           "OUT (the rest show as not yet run)")
     p.add_argument("--out", required=True, help="comparison directory (one run directory per entry)")
     p.set_defaults(func=cmd_compare)
 

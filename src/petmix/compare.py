@@ -119,7 +119,7 @@ def run_comparison(entries: list[Entry], base: dict[str, Any], tasks: list[Task]
                    seeds: list[int] | None = None, tasks_for_seed: Callable[[int], list[Task]] | None = None,
                    tuned: dict[str, dict[str, Any]] | None = None, floors: bool = False,
                    record: dict[str, Any] | None = None,
-                   before_first: Callable[[], None] | None = None) -> list[dict[str, Any]]:
+                   before_first: Callable[[], None] | None = None, train: bool = True) -> list[dict[str, Any]]:
     """Train every entry (once per seed with ``seeds``) and write the tables; returns one row per entry
     (floors first when ``floors``).
 
@@ -127,7 +127,9 @@ def run_comparison(entries: list[Entry], base: dict[str, Any], tasks: list[Task]
     ``seeds`` each runs into ``OUT/<label>/seed-<s>`` on ``tasks_for_seed(s)`` (the seed's training
     sample, one test set for all seeds); a finished seed is read, an unfinished one resumes, and a
     finished ``OUT/<label>`` of the earlier layout counts as the seed it ran with. Every run's settings
-    are checked before anything is written; ``before_first`` runs then (the CLI starts its log there)."""
+    are checked before anything is written; ``before_first`` runs then (the CLI starts its log there).
+    ``train=False`` trains nothing: the tables hold the finished runs, the rest show as not yet run (a
+    table that accumulates over sessions, read back from the archive)."""
     out_dir = Path(out_dir)
     check_entries(entries)
     tuned = tuned or {}
@@ -189,7 +191,7 @@ def run_comparison(entries: list[Entry], base: dict[str, Any], tasks: list[Task]
                 if finished_run(where, configs[entry.label, seed].method, len(tasks)):
                     log.info("%s: finished earlier, reading %s", entry.label + (f" seed {seed}" if multi else ""), where)
                     runs[entry.label][seed] = read_json(where / "results.json")
-        for seed in seed_list:
+        for seed in seed_list if train else []:
             todo = [entry for entry in ordered if seed not in runs[entry.label]]
             seed_tasks = load(seed) if todo else []
             for entry in todo:
