@@ -173,42 +173,41 @@ def tune_method(method: str, base: dict[str, Any], tasks: list[Task], out: str |
     # Scores less than one validation answer apart (in the smallest task) cannot be told apart: they tie,
     # and a tie goes to the first in grid order (the smaller rate; for an option, the default).
     resolution = answer_resolution(tasks)
-    ties: dict[str, str] = {}  # per searched setting, the tie that decided its last search
 
-    def best_of(grid: list[dict[str, Any]], searched: str) -> dict[str, Any]:
+    def best_of(grid: list[dict[str, Any]], searched: str) -> tuple[dict[str, Any], str | None]:
+        """The first candidate within one answer of the best, and a note where that overturned a lead."""
         scores = [score(s) for s in grid]
         top = max(scores)
         first = next((i for i, v in enumerate(scores) if v > top - resolution), 0)  # all -inf: the first
-        ties.pop(searched, None)
-        if scores[first] < top:
-            ties[searched] = (f"{searched}: {_fmt(grid[first][searched])} ({scores[first]:.2f}) chosen over "
-                              f"{_fmt(grid[scores.index(top)][searched])} ({top:.2f}): less than one validation answer "
-                              f"apart ({resolution:.2f} AP) is a tie, and a tie goes to the first in grid order")
-        return grid[first]
+        if scores[first] == top:
+            return grid[first], None
+        return grid[first], (f"{searched}: {_fmt(grid[first][searched])} ({scores[first]:.2f}) chosen over "
+                             f"{_fmt(grid[scores.index(top)][searched])} ({top:.2f}): less than one validation "
+                             f"answer apart ({resolution:.2f} AP) is a tie, and a tie goes to the first in grid order")
 
     default_opt = {} if opt is None else {opt[0]: getattr(cfg0, opt[0])}
-    chosen = best_of([{"lr": lr, **default_opt} for lr in lrs], "lr")
+    chosen, tie = best_of([{"lr": lr, **default_opt} for lr in lrs], "lr")
     for _ in range(EDGE_STEPS if extend else 0):
         edge = past_edge(lrs, chosen["lr"])
         if edge is None or score({"lr": edge[0], **default_opt}) > score(chosen) - resolution:
             break  # inside the grid, or an end that only ties its neighbour (all 0, say): no direction to go
         log.info("tune %s: lr %g is at the end of the grid; trying %s too", method, chosen["lr"], _fmt(edge[1]))
         lrs = sorted([*lrs, edge[1]])
-        chosen = best_of([{"lr": lr, **default_opt} for lr in lrs], "lr")
-    notes = [ties["lr"]] if "lr" in ties else []
+        chosen, tie = best_of([{"lr": lr, **default_opt} for lr in lrs], "lr")
+    notes = [tie] if tie else []
     inert = _inert_option(method, out / _name(chosen)) if opt is not None else None
     if inert:
         notes.append(f"{opt[0]}: not searched: {inert}; the default {_fmt(default_opt[opt[0]])} is kept")
     elif opt is not None:
         key, default = opt[0], default_opt[opt[0]]
         values = [default, *sorted(set(opt[1]) - {default})]  # the default first: another value must beat it
-        chosen = best_of([{**chosen, key: v} for v in values], key)
+        chosen, tie = best_of([{**chosen, key: v} for v in values], key)
         tried = [score({**chosen, key: v}) for v in values]
         if len(values) > 1 and len(set(tried)) == 1:  # e.g. SAPT's kl_ratio on two tasks, where the router is already one-hot
             notes.append(f"{key}: every value scored the same ({tried[0]:.2f}), so it had no measurable effect "
                          f"on these tasks; the default {_fmt(default)} is kept")
-        elif key in ties:
-            notes.append(ties[key])
+        elif tie:
+            notes.append(tie)
     for note in notes:
         log.info("tune %s: %s", method, note)
     best = next(c for c in candidates if c["settings"] == chosen)
