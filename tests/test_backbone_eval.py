@@ -142,3 +142,26 @@ def test_train_cli_bad_config_exits_2(tmp_path, capsys):
     assert "unknown keys" in capsys.readouterr().err
     cfg.write_text("a: [1\n")
     assert main(["train", "--config", str(cfg), "--out", str(tmp_path / "r")]) == 2
+
+
+def _converted(folder, marker: str):
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text("{}")
+    (folder / "model.safetensors").write_text(marker)
+    return folder
+
+
+def test_model_cache_install_keeps_a_concurrent_conversion(tmp_path):
+    """Two processes converting the packaged model at once: the later one must not delete the folder
+    the first installed (and may be loading), which once failed a parallel compare with FileNotFoundError."""
+    target = _converted(tmp_path / "model", "first")
+    backbone_mod._install_cache(_converted(tmp_path / "tmp", "second"), target)
+    assert (target / "model.safetensors").read_text() == "first"
+
+
+def test_model_cache_install_replaces_an_incomplete_folder(tmp_path):
+    target = tmp_path / "model"
+    target.mkdir()
+    (target / "config.json").write_text("{}")  # no weights: a folder left from elsewhere
+    backbone_mod._install_cache(_converted(tmp_path / "tmp", "new"), target)
+    assert (target / "model.safetensors").read_text() == "new" and not (tmp_path / "tmp").exists()

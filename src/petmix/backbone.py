@@ -139,7 +139,7 @@ def resolve_model_path(name_or_path: str) -> Path | str:
 
 def _packaged_model(alias: str) -> Path:
     target = cache_dir() / "models" / alias
-    if (target / "config.json").is_file() and any(target.glob("*.safetensors")):
+    if _is_converted(target):
         return target
     module, gguf_name = PACKAGED_MODELS[alias]
     spec = importlib.util.find_spec(module)  # find, do not import: its __init__ needs the `llm` package
@@ -166,12 +166,32 @@ def _packaged_model(alias: str) -> Path:
     try:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)  # atomic: a killed conversion leaves no half-written cache
+        _install_cache(tmp, target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+def _is_converted(folder: Path) -> bool:
+    return (folder / "config.json").is_file() and any(folder.glob("*.safetensors"))
+
+
+def _install_cache(tmp: Path, target: Path) -> None:
+    """Move a finished conversion into place, atomically, without disturbing a concurrent one.
+
+    Two processes started at once (two `petmix compare` in parallel on a fresh machine) both convert.
+    The first to finish installs its folder; the later one must keep it, not delete it, since the first
+    may already be reading it.
+    """
+    if _is_converted(target):
+        return  # another process finished first: its copy is identical
+    if target.exists():
+        shutil.rmtree(target)  # an incomplete folder from elsewhere (conversions themselves are atomic)
+    try:
+        os.replace(tmp, target)  # atomic: a killed conversion leaves no half-written cache
+    except OSError:
+        if not _is_converted(target):  # lost a race to a folder that is still not a model: a real failure
+            raise
 
 
 def load_backbone(
