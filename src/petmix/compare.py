@@ -242,6 +242,19 @@ def _routing_accuracy(results: dict[str, Any]) -> float | None:
     return value.get("final") if isinstance(value, dict) else None
 
 
+def device_note(runs: dict[int, dict[str, Any]]) -> str:
+    """Name the device of runs made off the CPU (results written before petmix recorded it were CPU runs):
+    their scores are the same method's, but their wall times do not compare with the CPU rows'."""
+    devices: dict[str, list[str]] = {}
+    for seed, res in runs.items():
+        devices.setdefault(res.get("device") or "cpu", []).append(str(seed))
+    if all(d.startswith("cpu") for d in devices):
+        return ""
+    if len(devices) == 1:
+        return f"ran on {next(iter(devices))}: wall s not comparable with CPU rows"
+    return "ran on " + "; ".join(f"{d} (seed {', '.join(s)})" for d, s in devices.items())
+
+
 def entry_row(label: str, runs: dict[int, dict[str, Any]], failures: dict[int, str], seeds: list[int],
               multi: bool) -> dict[str, Any]:
     """One table row: each metric's mean over the finished seeds (``row[c]``), its ``Summary``
@@ -264,6 +277,7 @@ def entry_row(label: str, runs: dict[int, dict[str, Any]], failures: dict[int, s
     if multi and not_run:
         notes.append("seeds not yet run: " + ", ".join(not_run))
     notes += [f"seed {s} failed: {e}" for s, e in failures.items()]
+    notes.append(device_note({s: runs[s] for s in seeds if s in runs}))
     results = dict(first)
     if len(finished) > 1:  # the figure shows the mean matrix over seeds
         results["matrix"] = _mean_matrix([r["matrix"] for r in finished])

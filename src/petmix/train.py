@@ -60,6 +60,15 @@ def stages_wall_seconds(stages: list[dict[str, Any]]) -> float:
 RESUMABLE_CHANGES = {"single_task_results", "checkpoint_every", "eval_batch_size", "report_to"}
 
 
+def device_label(device: torch.device) -> str:
+    """Where a run computed, as its results record it: its wall times are comparable only on like devices."""
+    if device.type == "cuda":
+        return f"cuda ({torch.cuda.get_device_name(device)})"
+    if device.type == "cpu":
+        return f"cpu ({torch.get_num_threads()} threads)"
+    return device.type
+
+
 def settings_diff(old: dict[str, Any], resolved: dict[str, Any]) -> list[str]:
     """Keys whose recorded value (a run's config.json) differs from ``resolved``: such a run cannot be
     resumed or read as a run of these settings. Keys an older petmix did not write were at their
@@ -428,6 +437,7 @@ class Trainer:
             "sources": getattr(self.mix.pool, "source_names", None) or [p.stem for p in self.sources] or None,
             "model": self.backbone.describe(),
             "wall_s": stages_wall_seconds(rows),
+            "device": device_label(self.accelerator.device),
             "routing_accuracy": routing_summary(rows, names) if self.method.routes_per_task else None,
         }
         write_json(self.out / "results.json", payload)
