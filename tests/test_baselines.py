@@ -229,3 +229,15 @@ def test_replay_with_full_fine_tuning(tiny_llama_path, tmp_path):
     res = Trainer(cfg, make_tasks(2), tmp_path / "run").run()
     assert res["stages"][1]["replay_buffer"] == 8
     assert all(k.startswith("full.") for k in load_file(tmp_path / "run" / "adapters.safetensors"))
+
+
+def test_l2p_keys_are_made_where_the_router_lives():
+    """An empty key pool still knows its device: the first key on a GPU run (added after the mixture
+    moved there, or grown when a run resumes) once stayed on the CPU and failed the first forward."""
+    from petmix.router import KeyQueryRouter
+
+    router = KeyQueryRouter(d_model=8, top_k=1, pool_size=3).to("meta")
+    router.add_key()
+    router.grow(3)
+    assert [k.device.type for k in router.keys] == ["meta"] * 3
+    assert "anchor" not in router.state_dict()  # not saved: adapters stay as they were

@@ -324,6 +324,28 @@ def test_scores_less_than_one_validation_answer_apart_tie_and_the_smaller_rate_w
         assert "notes" not in result
 
 
+def test_option_grid_values_take_the_options_type(tmp_path, monkeypatch):
+    """`--option-grid 5,20` reaches tune as floats; prompt_length needs whole numbers (5.0 once failed
+    the candidate's config check), a float option keeps its values, and 5.5 is refused by name."""
+    import petmix.tune as tune
+
+    tried = []
+
+    class FakeTrainer:
+        def __init__(self, cfg, tasks, run):
+            tried.append(cfg.prompt_length)
+
+        def run(self):
+            return {"metrics": {"AP": 50.0}}
+
+    monkeypatch.setattr(tune, "Trainer", FakeTrainer)
+    tune.tune_method("seq-prompt", {}, make_tasks(2, n_train=8, n_test=4), tmp_path, lrs=[1e-2], options=[5.0, 20.0])
+    assert set(tried) == {5, 10, 20} and all(isinstance(v, int) for v in tried)
+    assert tune.typed_options(("kl_ratio", [0.1, 0.5]), [2.0]) == [2.0]
+    with pytest.raises(PetmixError, match="prompt_length takes whole numbers, not 5.5"):
+        tune.typed_options(("prompt_length", [5, 10, 20]), [5.5])
+
+
 @pytest.mark.parametrize(("effect", "chosen"), [(0.0, 0.5), (1.0, 2.0), (-1.0, 0.1)])
 def test_tuned_option_must_beat_the_default_and_an_inert_one_is_named(tmp_path, monkeypatch, effect, chosen):
     """Option values tie with the default (SAPT's kl_ratio on two tasks, where the router is one-hot):

@@ -313,6 +313,8 @@ class KeyQueryRouter(Router):
         self.d_model, self.top_k = d_model, top_k
         self.pool_size = pool_size  # prompts in the shared pool (L2P's M)
         self.keys = nn.ParameterList()
+        # Moves with the module (not saved): the device for the first key, which an empty pool cannot tell.
+        self.register_buffer("anchor", torch.empty(0), persistent=False)
 
     @classmethod
     def build(cls, d_model: int, top_k: int = 5, pool_size: int = 10, **_: Any) -> KeyQueryRouter:
@@ -337,7 +339,7 @@ class KeyQueryRouter(Router):
         return len(self.keys)
 
     def add_key(self) -> int:
-        device = self.keys[0].device if self.num_keys else None
+        device = self.keys[0].device if self.num_keys else self.anchor.device
         self.keys.append(nn.Parameter(torch.empty(self.d_model, device=device).uniform_(-1.0, 1.0)))
         return self.num_keys - 1
 

@@ -75,6 +75,17 @@ def option_grid(method: str) -> tuple[str, list[Any]] | None:
     return None
 
 
+def typed_options(opt: tuple[str, list[Any]], given: list[float]) -> list[Any]:
+    """``--option-grid`` values (read as numbers) in the type of the option's own grid: whole numbers
+    for an integer option such as prompt_length (5.0 would fail the run's config check)."""
+    name, grid = opt
+    if not all(isinstance(v, int) for v in grid):
+        return list(given)
+    if any(float(v) != int(v) for v in given):
+        raise PetmixError(f"--option-grid: {name} takes whole numbers, not {','.join(f'{v:g}' for v in given)}")
+    return [int(v) for v in given]
+
+
 def answer_resolution(tasks: list[Task]) -> float:
     """The most one validation answer can move the AP: 100 points of the smallest task, over the tasks."""
     return 100 / (len(tasks) * min(max(len(t.test), 1) for t in tasks))
@@ -147,7 +158,7 @@ def tune_method(method: str, base: dict[str, Any], tasks: list[Task], out: str |
     lrs = list(lrs or lr_grid(method, cfg0))
     opt = option_grid(method)
     if opt is not None and options:
-        opt = (opt[0], list(options))
+        opt = (opt[0], typed_options(opt, options))
     candidates: list[dict[str, Any]] = []
 
     def score(settings: dict[str, Any]) -> float:
