@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import math
+import re
 import shutil
 import statistics
 from pathlib import Path
@@ -414,3 +416,31 @@ def test_docs_tuned_lists_every_method_under_its_kind_and_default():
             name, _, own = cell.strip().partition(" (own: ")
             listed[name] = (kind, float(own.rstrip(")")) if own else float(default_cell))
     assert listed == {name: (m.lr_kind(), m.default_lr()) for name, m in METHODS.items()}
+
+
+def _own_rates(text: str, names: set[str]) -> dict[str, float]:
+    """The methods a prose list gives their own rate, e.g. "1e-3 LoRA (3e-3 sapt-lora, per-task-lora; 3e-4
+    lwf)": each method name takes the nearest rate before it inside the parentheses after a kind's rate."""
+    found: dict[str, float] = {}
+    for group in re.findall(r"\(([^()]*)\)", text):
+        rate = None
+        for token in re.findall(r"[\w.-]+", group):
+            if re.fullmatch(r"\d(\.\d+)?e-\d+", token):
+                rate = float(token)
+            elif token in names and rate is not None:
+                found[token] = rate
+    return found
+
+
+def test_lr_help_and_readme_name_every_methods_own_rate():
+    """The `lr` flag's help and the README's training bullet list the methods whose default rate is their
+    own pick (`Method.tuned_lr`), written by hand: this keeps them equal to the registry."""
+    from petmix.config import TrainConfig
+    from petmix.methods import METHODS
+
+    own = {name: m.tuned_lr for name, m in METHODS.items() if m.tuned_lr is not None}
+    help_text = next(f.metadata["help"] for f in dataclasses.fields(TrainConfig) if f.name == "lr")
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    bullet = readme[readme.index("`--lr` (constant"):][:600]
+    assert _own_rates(help_text, set(METHODS)) == own
+    assert _own_rates(bullet, set(METHODS)) == own
