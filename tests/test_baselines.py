@@ -241,3 +241,19 @@ def test_l2p_keys_are_made_where_the_router_lives():
     router.grow(3)
     assert [k.device.type for k in router.keys] == ["meta"] * 3
     assert "anchor" not in router.state_dict()  # not saved: adapters stay as they were
+
+
+def test_a_seed_draws_the_same_initial_blocks_and_keys_on_any_device():
+    """LoRA's A and the routers' keys come from the CPU's generator and are then moved: a block made for a
+    GPU ("meta" stands in for it here) consumes the CPU generator exactly as one made on the CPU, so the
+    same seed starts from the same weights on either (they were once drawn by the device's generator)."""
+    from petmix.blocks.lora import LoRAConfig, MixWeights, PooledLoRALinear
+    from petmix.router import uniform_key
+
+    def draw(device: str) -> torch.Tensor:
+        torch.manual_seed(0)
+        PooledLoRALinear(torch.nn.Linear(6, 5).to(device), LoRAConfig(r=2, alpha=4), MixWeights()).add_block()
+        uniform_key(8, torch.device(device))
+        return torch.rand(3)  # the CPU generator's next draw
+
+    assert torch.equal(draw("meta"), draw("cpu"))

@@ -62,6 +62,11 @@ class Routing:
     loss: torch.Tensor | None = None
 
 
+def uniform_key(d_model: int, device: torch.device | None) -> torch.Tensor:
+    """A key drawn from uniform(-1, 1) by the CPU's generator, then moved: the same key for a seed on any device."""
+    return torch.empty(d_model).uniform_(-1.0, 1.0).to(device)
+
+
 class Router(nn.Module):
     """The interface every router implements. Class attributes say what generic code may rely on;
     ``build(d_model, **options)`` (a classmethod) makes one from a run's settings."""
@@ -208,7 +213,7 @@ class SharedAttentionRouter(Router):
         """A key for a new task; ``features [N, d]`` (the new task's inputs) are used by presets that
         start keys from the data; the paper's draws it from uniform(-1, 1)."""
         device = self.query[0].weight.device
-        self.keys.append(nn.Parameter(torch.empty(self.d_model, device=device).uniform_(-1.0, 1.0)))
+        self.keys.append(nn.Parameter(uniform_key(self.d_model, device)))
         return self.num_keys - 1
 
     def trainable(self, current: int) -> list[nn.Parameter]:
@@ -340,7 +345,7 @@ class KeyQueryRouter(Router):
 
     def add_key(self) -> int:
         device = self.keys[0].device if self.num_keys else self.anchor.device
-        self.keys.append(nn.Parameter(torch.empty(self.d_model, device=device).uniform_(-1.0, 1.0)))
+        self.keys.append(nn.Parameter(uniform_key(self.d_model, device)))
         return self.num_keys - 1
 
     def select(self, query: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -102,8 +102,10 @@ class PooledLoRALinear(nn.Module):
 
     def add_block(self) -> None:
         w = self.base.weight
-        a = torch.empty(self.cfg.r, self.base.in_features, device=w.device, dtype=torch.float32)
+        # Drawn by the CPU's generator and then moved, so a seed gives the same start on any device.
+        a = torch.empty(self.cfg.r, self.base.in_features, dtype=torch.float32)
         nn.init.kaiming_uniform_(a, a=math.sqrt(5))  # as nn.Linear and PEFT initialise A
+        a = a.to(w.device)
         b = torch.zeros(self.base.out_features, self.cfg.r, device=w.device, dtype=torch.float32)
         self.lora_A.append(nn.Parameter(a))
         self.lora_B.append(nn.Parameter(b))
