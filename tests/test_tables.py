@@ -348,6 +348,14 @@ def test_option_grid_values_take_the_options_type(tmp_path, monkeypatch):
         tune.typed_options(("prompt_length", [5, 10, 20]), [5.5])
 
 
+def test_tune_refuses_a_bad_option_value_before_writing(tiny_llama_path, tmp_path, capsys):
+    argv = ["tune", "--methods", "seq-prompt", "--model", str(tiny_llama_path), "--data", str(CL), "--tasks",
+            "tinysent", "--tune-tasks", "1", "--option-grid", "5.5", "--out", str(tmp_path / "tune")]
+    assert main(argv) == 2
+    assert "--option-grid: prompt_length takes whole numbers" in capsys.readouterr().err
+    assert not (tmp_path / "tune").exists()  # not even a log
+
+
 @pytest.mark.parametrize(("effect", "chosen"), [(0.0, 0.5), (1.0, 2.0), (-1.0, 0.1)])
 def test_tuned_option_must_beat_the_default_and_an_inert_one_is_named(tmp_path, monkeypatch, effect, chosen):
     """Option values tie with the default (SAPT's kl_ratio on two tasks, where the router is one-hot):

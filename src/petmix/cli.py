@@ -360,18 +360,23 @@ def cmd_tune(args: argparse.Namespace) -> int:
     from petmix.tune import (
         check_kept_candidates,
         command_line,
+        option_grid,
         tune_method,
         tuned_table,
+        typed_options,
         validation_tasks,
         write_tuned,
     )
 
     out = Path(args.out)
-    setup_logging(out, args.verbose)
     cfg = _train_config(args)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     if not methods:
         raise PetmixError("--methods: give at least one method")
+    lrs, options = _float_list(args.lr_grid, "--lr-grid"), _float_list(args.option_grid, "--option-grid")
+    for method in methods:  # a value the method's option cannot take is named before anything is written
+        if options and option_grid(method):
+            typed_options(option_grid(method), options)
     specs = (cfg.tasks or resolve_stream(cfg.stream or "default"))[: args.tune_tasks]
     # Uncapped train (the validation split comes out of all of it); the test split is replaced unread.
     loaded = load_tasks(specs, cfg.data, max_train=None, max_test=None, seed=cfg.seed, test_seed=cfg.test_seed)
@@ -385,9 +390,9 @@ def cmd_tune(args: argparse.Namespace) -> int:
                               "seed": cfg.seed, "split": "carved from each task's train split; test never read"}}
     for method in methods:  # every kept candidate is checked before the first one trains
         check_kept_candidates(method, base, tasks, out)
+    setup_logging(out, args.verbose)  # the inputs are good: the first thing written
     for method in methods:
-        result = tune_method(method, base, tasks, out, lrs=_float_list(args.lr_grid, "--lr-grid"),
-                             options=_float_list(args.option_grid, "--option-grid"))
+        result = tune_method(method, base, tasks, out, lrs=lrs, options=options)
         write_tuned(path, method, result, record)
         log.info("%s: chose %s (validation AP %.2f)", method, result["settings"], result["score"])
     print(tuned_table(path))
