@@ -1,4 +1,3 @@
-
 """petmix compare: several methods on one stream, one table."""
 
 from __future__ import annotations
@@ -77,4 +76,3 @@ def test_device_note_names_runs_made_off_the_cpu():
     assert device_note({0: cpu, 1: {}}) == ""  # results from before petmix recorded it were CPU runs
     assert device_note({0: gpu, 1: gpu}) == "ran on cuda (NVIDIA H200): wall s not comparable with CPU rows"
     assert device_note({0: cpu, 2: gpu}) == "ran on cpu (1 thread) (seed 0); cuda (NVIDIA H200) (seed 2)"
-

@@ -318,7 +318,7 @@ class KeyQueryRouter(Router):
         self.d_model, self.top_k = d_model, top_k
         self.pool_size = pool_size  # prompts in the shared pool (L2P's M)
         self.keys = nn.ParameterList()
-        # Moves with the module (not saved): the device for the first key, which an empty pool cannot tell.
+        # Moves with the module (not saved): the keys' device, which an empty pool cannot tell.
         self.register_buffer("anchor", torch.empty(0), persistent=False)
 
     @classmethod
@@ -344,8 +344,7 @@ class KeyQueryRouter(Router):
         return len(self.keys)
 
     def add_key(self) -> int:
-        device = self.keys[0].device if self.num_keys else self.anchor.device
-        self.keys.append(nn.Parameter(uniform_key(self.d_model, device)))
+        self.keys.append(nn.Parameter(uniform_key(self.d_model, self.anchor.device)))
         return self.num_keys - 1
 
     def select(self, query: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
