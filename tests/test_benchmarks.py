@@ -216,3 +216,32 @@ def test_answer_spread_counts_the_most_frequent_answer_of_finished_runs_only(tmp
     assert answer_spread.main([str(tmp_path)]) == 0
     row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("| pt "))
     assert row == "| pt | 2 | 88% 'no/yes', 1.5 distinct | - |"
+
+
+def test_table_from_logs_summarises_each_entrys_one_seed_rows(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import table_from_logs
+
+    def cell(entry: str, ap: str, routing: str) -> str:  # the shape a one-seed `petmix compare` log ends with
+        return "\n".join([
+            "12:00:00 INFO petmix.train: stage 1 (a): 22 steps, mean loss 2.70, 26.0 s",
+            "| method | seeds | AP | F.Ra | FWT | BWT | routing acc | trainable/task | wall s | vs best AP | note |",
+            "|---|---|---|---|---|---|---|---|---|---|---|",
+            "| per-task-lora | 1 | 50.00 | 0.00 | - | 0.00 | - | 10 | 1.0 | best | reference |",
+            f"| {entry} | 1 | {ap} | 1.00 | -2.00 | -1.00 | {routing} | 10 | 1.0 |  | |",
+            "",
+            "| | per-task-lora | " + entry + " |",
+            "|---|---|---|",
+            f"| {entry} | . |  |",  # the pairwise table repeats the name: not a results row
+        ])
+
+    for seed, (a, b) in enumerate([("40.00", "30.00"), ("44.00", "31.00"), ("42.00", "35.00")]):
+        (tmp_path / f"good-{seed}.log").write_text(cell("good", a, "99.00"))
+        (tmp_path / f"weak-{seed}.log").write_text(cell("weak", b, "-"))
+    lines = table_from_logs.table(tmp_path).splitlines()
+    assert lines[2] == ("| good | 0,1,2 | 42.00 ± 2.00 | 1.00 ± 0.00 | -2.00 ± 0.00 | -1.00 ± 0.00 | 99.00 ± 0.00 "
+                        "| best | 40.00 / 44.00 / 42.00 |")
+    assert lines[3].startswith("| weak | 0,1,2 | 32.00 ± 2.65 |") and "| - | < |" in lines[3]  # 10 apart > 2 + 2.65
+    (tmp_path / "weak-3.log").write_text("12:00:00 INFO petmix.train: stage 1 (a): killed before its table")
+    with pytest.raises(SystemExit, match="weak-3.log: no finished row"):
+        table_from_logs.table(tmp_path)
