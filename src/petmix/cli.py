@@ -156,6 +156,13 @@ def _method_help() -> str:
     return "one of: " + ", ".join(METHODS) + " (default sapt-lora)"
 
 
+def _tuned_options_help() -> str:
+    from petmix.methods import METHODS
+
+    own = dict.fromkeys(m.tuned_option[0] for m in METHODS.values() if m.tuned_option)
+    return ", ".join([*own, "prompt_length"])
+
+
 def _yaml_mapping(text: str) -> Any:
     import yaml
 
@@ -609,8 +616,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                                     "for validation (default 0.2)")
     p.add_argument("--val-max", type=int, default=100, help="at most this many validation examples per task")
     p.add_argument("--lr-grid", help="comma-separated learning rates (searched as given; default: a log-spaced grid per method kind, grown past a winning end)")
-    p.add_argument("--option-grid", help="comma-separated values of the method's tuned option (kl_ratio, "
-                                         "olora_lambda1, ewc_lambda or prompt_length)")
+    p.add_argument("--option-grid", help="comma-separated values of the method's tuned option "
+                                         f"({_tuned_options_help()})")
     p.add_argument("--tuned-file", help="where to write the choices (default OUT/tuned.yaml; other methods' "
                                         "entries in it are kept)")
     p.add_argument("--out", required=True, help="tuning directory (one run per candidate, resumable)")

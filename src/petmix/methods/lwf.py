@@ -115,6 +115,9 @@ class LearningWithoutForgetting(StageHook):
 
 register_method(Method(
     "lwf", "sum", False, options=LwFOptions,
+    # Its distillation targets sit on the same answer positions, through the same LM head, as the new task's
+    # labels (LwF's classifier keeps one head per task), so the weight decides between learning and keeping.
+    tuned_option=("lwf_alpha", (0.01, 0.1, 1.0)),
     tuned_lr=3e-4,  # docs/tuned.md: SuperNI, 45.0 at 3e-4 (ties 3e-3, the smaller wins), 36.2 at 1e-3, 35.4 at 1e-4
     hooks=(lambda trainer, o: LearningWithoutForgetting(trainer.out, o.lwf_alpha, o.lwf_temperature, o.lwf_topk),),
     summary="one LoRA in sequence; new-task inputs are also fitted to the previous model's output "
