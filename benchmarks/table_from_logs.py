@@ -22,16 +22,21 @@ from petmix.stats import Summary, within_noise
 METRICS = ["AP", "F.Ra", "FWT", "BWT", "routing acc"]
 
 
-def cell_row(log: Path, entry: str) -> dict[str, str] | None:
-    """The entry's row of the first table in a cell's log (the one-seed results table)."""
-    header = None
+FLOORS = ["floor: majority label", "floor: zero-shot"]
+
+
+def cell_rows(log: Path) -> dict[str, dict[str, str]]:
+    """Every row of the first table in a cell's log (its one-seed results table), by its first column."""
+    header, rows = None, {}
     for line in log.read_text(encoding="utf-8").splitlines():
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
         if line.startswith("| method |"):
+            if header:
+                break  # a later table (the pairwise one) repeats the names
             header = cells
-        elif header and line.startswith("| ") and cells[0] == entry and len(cells) == len(header):
-            return dict(zip(header, cells))
-    return None
+        elif header and line.startswith("| ") and len(cells) == len(header) and not cells[0].startswith("---"):
+            rows[cells[0]] = dict(zip(header, cells))
+    return rows
 
 
 def number(text: str | None) -> float | None:
@@ -40,20 +45,28 @@ def number(text: str | None) -> float | None:
 
 def table(log_dir: Path) -> str:
     rows: dict[str, dict[int, dict[str, str]]] = {}
+    floors: dict[str, dict[int, dict[str, str]]] = {}
     for log in sorted(log_dir.glob("*.log")):
         m = re.fullmatch(r"(.+)-(\d+)\.log", log.name)
         if not m:
             continue
-        row = cell_row(log, m.group(1))
-        if row is None:
+        found = cell_rows(log)
+        if m.group(1) not in found:
             raise SystemExit(f"{log}: no finished row for {m.group(1)} (the cell did not finish)")
-        rows.setdefault(m.group(1), {})[int(m.group(2))] = row
+        rows.setdefault(m.group(1), {})[int(m.group(2))] = found[m.group(1)]
+        for floor in FLOORS:  # a cell run with floors (one per seed is enough) lists them first
+            if floor in found:
+                floors.setdefault(floor, {})[int(m.group(2))] = found[floor]
     summaries = {e: {k: Summary.of([number(r.get(k)) for r in seeds.values()]) for k in METRICS}
                  for e, seeds in rows.items()}
     order = sorted(rows, key=lambda e: -(summaries[e]["AP"].mean or 0))
     best = summaries[order[0]]["AP"]
     lines = ["| method | seeds | " + " | ".join(METRICS) + " | vs best AP | AP per seed |",
              "|---" * (len(METRICS) + 4) + "|"]
+    for floor, seeds in floors.items():
+        lines.append(f"| {floor} | {','.join(map(str, sorted(seeds)))} | "
+                     + " | ".join(Summary.of([number(r.get(k)) for r in seeds.values()]).cell() for k in METRICS)
+                     + " |  | " + " / ".join(seeds[k]["AP"] for k in sorted(seeds)) + " |")
     for e in order:
         s = summaries[e]
         mark = "best" if e == order[0] else {True: "~", False: "<", None: ""}[within_noise(s["AP"], best)]

@@ -235,10 +235,12 @@ def test_table_from_logs_summarises_each_entrys_one_seed_rows(tmp_path, monkeypa
             f"| {entry} | . |  |",  # the pairwise table repeats the name: not a results row
         ])
 
+    floor = "| floor: majority label | 1 | 20.00 | - | - | - | - | 0 | - | - | most frequent |\n"
     for seed, (a, b) in enumerate([("40.00", "30.00"), ("44.00", "31.00"), ("42.00", "35.00")]):
         (tmp_path / f"good-{seed}.log").write_text(cell("good", a, "99.00"))
-        (tmp_path / f"weak-{seed}.log").write_text(cell("weak", b, "-"))
+        (tmp_path / f"weak-{seed}.log").write_text(cell("weak", b, "-").replace("|---|\n", "|---|\n" + floor, seed == 0))
     lines = table_from_logs.table(tmp_path).splitlines()
+    assert lines.pop(2) == "| floor: majority label | 0 | 20.00 | - | - | - | - |  | 20.00 |"  # from the one cell with floors
     assert lines[2] == ("| good | 0,1,2 | 42.00 ± 2.00 | 1.00 ± 0.00 | -2.00 ± 0.00 | -1.00 ± 0.00 | 99.00 ± 0.00 "
                         "| best | 40.00 / 44.00 / 42.00 |")
     assert lines[3].startswith("| weak | 0,1,2 | 32.00 ± 2.65 |") and "| - | < |" in lines[3]  # 10 apart > 2 + 2.65
