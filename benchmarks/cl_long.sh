@@ -7,7 +7,7 @@
 #  1. `petmix tune`: each method's lr (and its most sensitive option) on a validation split carved from
 #     the TRAIN split of the stream's first two tasks (test is never read);
 #  2. `petmix compare --seeds 0,1,2 --tuned`: 100 test examples per task, mean ± std, noise marks, floors.
-# Hours on 2 CPU cores; resumable, accumulating in $OUT/{tune,compare}. Needs ../shared/data.
+# Hours on 2 CPU cores; resumable, accumulating in $OUT/{tune,compare}; JOBS=N trains N runs at once. Needs ../shared/data.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source benchmarks/kept.sh
@@ -17,6 +17,6 @@ OUT="${OUT:-runs/bench/$STREAM}"
 CONFIG=benchmarks/configs/long4_cpu.yaml
 TUNE="${TUNE:-per-task-lora,sapt-lora,seq-lora,inc-lora,mtl-lora,sapt-prompt,seq-prompt,seq-ft,replay,ewc,lwf,o-lora,l2p,lfpt5,prog-prompt}"
 kept_tune "$OUT/tune" --config "$CONFIG" --stream "$STREAM" --methods "$TUNE" --tune-tasks 2 --val-max 50
-kept_compare "$OUT/compare" --config "$CONFIG" --stream "$STREAM" --max-test 100 --seeds "${SEEDS:-0,1,2}" \
+kept_compare "$OUT/compare" --config "$CONFIG" --stream "$STREAM" --max-test 100 --seeds "${SEEDS:-0,1,2}" --jobs "${JOBS:-1}" \
   --tuned "$OUT/tune/tuned.yaml" \
   --methods "${METHODS:-per-task-lora,sapt-lora,seq-lora,inc-lora,mtl-lora,sapt-prompt,seq-prompt,seq-ft,replay,ewc,lwf,o-lora,l2p,lfpt5,prog-prompt}"

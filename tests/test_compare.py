@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 
 import pytest
 import torch
@@ -47,9 +48,29 @@ def test_comparison_table_and_resume(tiny_llama_path, tmp_path):
     assert (tmp_path / "cmp" / "seq-lora" / "results.json").stat().st_mtime == mtime
 
 
+def test_jobs_train_the_same_runs_in_worker_processes(tiny_llama_path, tmp_path):
+    base = {"model": str(tiny_llama_path), "epochs": 1, "batch_size": 4, "lr": 5e-3, "max_new_tokens": 2}
+    entries = [Entry.parse("seq-lora"), Entry.parse("broken=full-ft:unfreeze=no_such_weight"),
+               Entry.parse("per-task-lora")]
+    kw = {"seeds": [0, 1], "tasks_for_seed": lambda s: make_tasks(2)}
+    one = {r["label"]: r for r in run_comparison(entries, base, make_tasks(2), tmp_path / "one", **kw)}
+    two = {r["label"]: r for r in run_comparison(entries, base, make_tasks(2), tmp_path / "two", jobs=3, **kw)}
+    for label in ("seq-lora", "per-task-lora"):
+        for seed in (0, 1):
+            a, b = (json.loads((tmp_path / d / label / f"seed-{seed}" / "results.json").read_text()) for d in ("one", "two"))
+            assert a["matrix"] == b["matrix"] and a["metrics"] == b["metrics"]
+            threads = int(os.environ.get("OMP_NUM_THREADS") or max(1, (os.cpu_count() or 1) // 3))
+            assert b["device"].startswith(f"cpu ({threads} thread")  # the cores shared out among the jobs
+    assert [one[k].get("AP") for k in one] == [two[k].get("AP") for k in two]  # the same table (broken: none)
+    assert two["seq-lora"]["FWT"] is not None  # each seed's reference had finished before seq-lora started
+    assert "no_such_weight" in two["broken"]["failed"] and "failed" not in two["seq-lora"]
+
+
 def test_compare_cli_bad_entry_exits_2(tmp_path, capsys):
     assert main(["compare", "--methods", "sapt-lora:oops", "--out", str(tmp_path / "c")]) == 2
     assert "key=value" in capsys.readouterr().err
+    assert main(["compare", "--methods", "seq-lora", "--jobs", "0", "--out", str(tmp_path / "c")]) == 2
+    assert "--jobs: at least 1" in capsys.readouterr().err and not (tmp_path / "c").exists()
 
 
 def test_single_task_entries_get_per_task_columns_and_a_failure_does_not_stop_the_rest(tiny_llama_path, tmp_path):

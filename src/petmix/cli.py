@@ -235,7 +235,7 @@ def _train_config(args: argparse.Namespace, apply_tuned: bool = False, method: s
             raise PetmixError(f"{path}: expected a mapping of settings (key: value lines) at the top level, "
                               f"got a {type(loaded).__name__}")
         values.update({(k.replace("-", "_") if isinstance(k, str) else k): v for k, v in loaded.items()})
-    skip = {"func", "command", "config", "out", "verbose", "methods", "sources_command", "tuned", "seeds", "no_floors", "no_train",
+    skip = {"func", "command", "config", "out", "verbose", "methods", "sources_command", "tuned", "seeds", "no_floors", "no_train", "jobs",
             "tune_tasks", "val_fraction", "val_max", "lr_grid", "option_grid", "tuned_file", "argv"}
     flag_values = {k: v for k, v in vars(args).items() if k not in skip}
     flags = set(flag_values)
@@ -308,6 +308,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
     entries = [Entry.parse(m.strip()) for m in args.methods.split(",") if m.strip()]
     check_entries(entries)
+    if args.jobs < 1:
+        raise PetmixError(f"--jobs: at least 1 (runs trained at once), got {args.jobs}")
     cfg, out, tasks, _ = _prepare_run(args)
     for entry in entries:
         check_run_folder(out / entry.label)
@@ -327,7 +329,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
     record = {"command": command_line(getattr(args, "argv", None)), "tuned_file": getattr(args, "tuned", None)}
     rows = run_comparison(entries, base, tasks, out, seeds=seeds, tasks_for_seed=tasks_for_seed, tuned=tuned,
                           floors=not args.no_floors, record=record,
-                          before_first=lambda: setup_logging(out, args.verbose), train=not args.no_train)
+                          before_first=lambda: setup_logging(out, args.verbose), train=not args.no_train,
+                          jobs=args.jobs)
     print((out / "table.md").read_text(encoding="utf-8"))
     print(f"wrote {out / 'table.md'}, {out / 'table.csv'}, {out / 'per_task.md'}, {out / 'matrices.png'}")
     from petmix.report_html import write_compare_html
@@ -604,6 +607,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-floors", action="store_true", help="leave out the majority-label and zero-shot floor rows")
     p.add_argument("--no-train", action="store_true", help="train nothing: tabulate the runs already finished in "
                                                            "OUT (the rest show as not yet run)")
+    p.add_argument("--jobs", type=int, default=1, help="runs trained at once, each in its own process with its "
+                   "own copy of the model (default 1; on a GPU they share it, on a CPU they share the cores); "
+                   "a seed's per-task-lora runs before the rest of that seed")
     p.add_argument("--out", required=True, help="comparison directory (one run directory per entry)")
     p.set_defaults(func=cmd_compare)
 

@@ -14,7 +14,9 @@ from __future__ import annotations
 import csv
 import io
 import logging
+import os
 import re
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -119,7 +121,8 @@ def run_comparison(entries: list[Entry], base: dict[str, Any], tasks: list[Task]
                    seeds: list[int] | None = None, tasks_for_seed: Callable[[int], list[Task]] | None = None,
                    tuned: dict[str, dict[str, Any]] | None = None, floors: bool = False,
                    record: dict[str, Any] | None = None,
-                   before_first: Callable[[], None] | None = None, train: bool = True) -> list[dict[str, Any]]:
+                   before_first: Callable[[], None] | None = None, train: bool = True,
+                   jobs: int = 1) -> list[dict[str, Any]]:
     """Train every entry (once per seed with ``seeds``) and write the tables; returns one row per entry
     (floors first when ``floors``).
 
@@ -129,7 +132,8 @@ def run_comparison(entries: list[Entry], base: dict[str, Any], tasks: list[Task]
     finished ``OUT/<label>`` of the earlier layout counts as the seed it ran with. Every run's settings
     are checked before anything is written; ``before_first`` runs then (the CLI starts its log there).
     ``train=False`` trains nothing: the tables hold the finished runs, the rest show as not yet run (a
-    table that accumulates over sessions, read back from the archive)."""
+    table that accumulates over sessions, read back from the archive). ``jobs`` > 1 trains that many
+    runs at once, each in its own process (``train_in_parallel``): the same runs, on fewer threads each."""
     out_dir = Path(out_dir)
     check_entries(entries)
     tuned = tuned or {}
@@ -191,27 +195,106 @@ def run_comparison(entries: list[Entry], base: dict[str, Any], tasks: list[Task]
                 if finished_run(where, configs[entry.label, seed].method, len(tasks)):
                     log.info("%s: finished earlier, reading %s", entry.label + (f" seed {seed}" if multi else ""), where)
                     runs[entry.label][seed] = read_json(where / "results.json")
-        for seed in seed_list if train else []:
-            todo = [entry for entry in ordered if seed not in runs[entry.label]]
-            seed_tasks = load(seed) if todo else []
-            for entry in todo:
-                cfg = configs[entry.label, seed]
-                where = run_dir(entry, seed)
-                tag = entry.label + (f" seed {seed}" if multi else "")
-                log.info("%s: training (%s) into %s", tag, cfg.method, where)
+        todo = [(seed, entry) for seed in seed_list if train for entry in ordered if seed not in runs[entry.label]]
+
+        def finished(entry: Entry, seed: int, results: dict[str, Any] | None, error: str | None) -> None:
+            if error is None:
+                runs[entry.label][seed] = results
+            else:
+                failures[entry.label][seed] = error
+            rows = floor_rows + [entry_row(e.label, runs[e.label], failures[e.label], seed_list, multi) for e in entries]
+            write_tables(rows, names, out_dir, multi)
+
+        def start(entry: Entry, seed: int) -> tuple[TrainConfig, Path, str]:
+            tag = entry.label + (f" seed {seed}" if multi else "")
+            log.info("%s: training (%s) into %s", tag, configs[entry.label, seed].method, run_dir(entry, seed))
+            return configs[entry.label, seed], run_dir(entry, seed), tag
+
+        if jobs > 1 and len(todo) > 1:
+            train_in_parallel(todo, jobs, single, start, finished, load)
+        else:
+            seed_tasks: dict[int, list[Task]] = {}
+            for seed, entry in todo:
+                cfg, where, tag = start(entry, seed)
+                if seed not in seed_tasks:
+                    seed_tasks[seed] = load(seed)
                 try:
-                    runs[entry.label][seed] = Trainer(cfg, seed_tasks, where).run()
+                    results = Trainer(cfg, seed_tasks[seed], where).run()
                 except Exception as err:  # one failing run must not cost the others theirs
                     log.exception("%s failed; going on with the other runs", tag)
-                    failures[entry.label][seed] = f"{type(err).__name__}: {err}"
-                rows = floor_rows + [entry_row(e.label, runs[e.label], failures[e.label], seed_list, multi) for e in entries]
-                write_tables(rows, names, out_dir, multi)
+                    finished(entry, seed, None, f"{type(err).__name__}: {err}")
+                else:
+                    finished(entry, seed, results, None)
         rows = floor_rows + [entry_row(e.label, runs[e.label], failures[e.label], seed_list, multi) for e in entries]
         write_tables(rows, names, out_dir, multi)
         done = [r for r in rows if "results" in r and not r.get("floor")]
         if done:
             write_matrices_figure(done, out_dir / "matrices.png")
         return rows
+
+
+def _train_worker(cfg: TrainConfig, tasks: list[Task], where: str, tag: str, threads: int, log_file: str | None,
+                  level: int) -> tuple[dict[str, Any] | None, str | None]:
+    """One run in a worker process of ``train_in_parallel``: (results, None), or (None, the error)."""
+    import torch
+
+    if "OMP_NUM_THREADS" not in os.environ:  # the machine's cores, shared out; a set OMP_NUM_THREADS wins
+        torch.set_num_threads(threads)
+    root = logging.getLogger()
+    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
+    if log_file:
+        handlers.append(logging.FileHandler(log_file, encoding="utf-8"))  # the comparison's log.txt, appended
+    for h in handlers:
+        h.setFormatter(logging.Formatter(f"%(asctime)s %(levelname)s [{tag}] %(name)s: %(message)s", "%H:%M:%S"))
+        root.addHandler(h)
+    root.setLevel(level)
+    try:
+        return Trainer(cfg, tasks, Path(where)).run(), None
+    except Exception as err:  # returned, not raised: any exception, picklable or not, reaches the table
+        log.exception("%s failed; going on with the other runs", tag)
+        return None, f"{type(err).__name__}: {err}"
+
+
+def train_in_parallel(todo: list[tuple[int, Entry]], jobs: int, reference: Entry | None,
+                      start: Callable[[Entry, int], tuple[TrainConfig, Path, str]],
+                      finished: Callable[[Entry, int, dict[str, Any] | None, str | None], None],
+                      load: Callable[[int], list[Task]]) -> None:
+    """Train the (seed, entry) runs of ``todo`` in ``jobs`` worker processes, each loading its own model
+    (on a GPU they share it; on a CPU they share the cores). A seed's single-task ``reference`` runs before
+    that seed's other entries start, since they read its scores; ``finished`` gets each run as it ends."""
+    import multiprocessing
+    from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    log_file = next((h.baseFilename for h in logging.getLogger().handlers if isinstance(h, logging.FileHandler)), None)
+    waiting = list(todo)
+    references_due = {seed for seed, entry in todo if entry is reference}
+    tasks: dict[int, list[Task]] = {}
+    running: dict[Future, tuple[int, Entry]] = {}
+    # spawn, not fork: a forked child would inherit the parent's torch threads and locks mid-state
+    with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        while waiting or running:
+            for seed, entry in list(waiting):
+                if len(running) >= jobs:
+                    break
+                if entry is not reference and seed in references_due:
+                    continue
+                waiting.remove((seed, entry))
+                cfg, where, tag = start(entry, seed)
+                if seed not in tasks:
+                    tasks[seed] = load(seed)
+                running[pool.submit(_train_worker, cfg, tasks[seed], str(where), tag, threads,
+                                    log_file, logging.getLogger().getEffectiveLevel())] = (seed, entry)
+            done, _ = wait(running, return_when=FIRST_COMPLETED)
+            for future in done:
+                seed, entry = running.pop(future)
+                try:
+                    results, error = future.result()
+                except Exception as err:  # the worker itself died (killed, out of memory)
+                    results, error = None, f"{type(err).__name__}: {err}"
+                if entry is reference:
+                    references_due.discard(seed)
+                finished(entry, seed, results, error)
 
 
 def compute_floors(out: Path, seeds: list[int], load: Callable[[int], list[Task]], cfg: TrainConfig
