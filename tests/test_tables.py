@@ -113,19 +113,21 @@ def _poisoned_copy(src: Path, dst: Path) -> Path:
 
 
 def test_tuner_never_reads_test_labels(tiny_llama_path, tmp_path):
-    """The same choice and the same validation scores whatever the test labels say."""
+    """The same choice and the same validation scores whatever the test labels say (and with --jobs: the
+    poisoned copy's candidates train in two worker processes, the clean one's in this one)."""
     poisoned = _poisoned_copy(CL, tmp_path / "poisoned")
     files = {}
-    for name, data in [("clean", CL), ("poisoned", poisoned)]:
+    for name, data, jobs in [("clean", CL, "1"), ("poisoned", poisoned, "2")]:
         argv = ["tune", "--methods", "lora", "--model", str(tiny_llama_path), "--data", str(data),
                 "--tasks", "tinysent", "--tune-tasks", "1", "--lr-grid", "1e-4,5e-2", "--epochs", "1",
-                "--batch-size", "4", "--max-new-tokens", "3", "--out", str(tmp_path / name)]
+                "--batch-size", "4", "--max-new-tokens", "3", "--jobs", jobs, "--out", str(tmp_path / name)]
         assert main(argv) == 0
         files[name] = yaml.safe_load((tmp_path / name / "tuned.yaml").read_text())["methods"]["lora"]
     for name in files:  # what every candidate was scored on: validation examples carved from train
         for pred in (tmp_path / name / "lora").rglob("predictions/*.jsonl"):
             records = [json.loads(line) for line in pred.read_text().splitlines()]
             assert records and not any("POISON" in r["references"] for r in records)
+    assert "[tune lora lr-0.05] petmix.train" in (tmp_path / "poisoned" / "log.txt").read_text()  # a worker's line
     assert files["clean"]["settings"] == files["poisoned"]["settings"]
     assert [c["score"] for c in files["clean"]["candidates"]] == [c["score"] for c in files["poisoned"]["candidates"]]
     assert "test never read" in files["clean"]["selected_on"]["split"] and files["clean"]["command"].startswith("petmix tune")
@@ -354,6 +356,8 @@ def test_tune_refuses_a_bad_option_value_before_writing(tiny_llama_path, tmp_pat
     assert main(argv) == 2
     assert "--option-grid: prompt_length takes whole numbers" in capsys.readouterr().err
     assert not (tmp_path / "tune").exists()  # not even a log
+    assert main([*argv[:-4], "--jobs", "0", *argv[-2:]]) == 2
+    assert "--jobs: at least 1" in capsys.readouterr().err and not (tmp_path / "tune").exists()
 
 
 @pytest.mark.parametrize(("effect", "chosen"), [(0.0, 0.5), (1.0, 2.0), (-1.0, 0.1)])

@@ -383,6 +383,8 @@ def cmd_tune(args: argparse.Namespace) -> int:
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     if not methods:
         raise PetmixError("--methods: give at least one method")
+    if args.jobs < 1:
+        raise PetmixError(f"--jobs: at least 1 (candidates trained at once), got {args.jobs}")
     lrs, options = _float_list(args.lr_grid, "--lr-grid"), _float_list(args.option_grid, "--option-grid")
     for method in methods:  # a value the method's option cannot take is named before anything is written
         if options and option_grid(method):
@@ -402,7 +404,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
         check_kept_candidates(method, base, tasks, out)
     setup_logging(out, args.verbose)  # the inputs are good: the first thing written
     for method in methods:
-        result = tune_method(method, base, tasks, out, lrs=lrs, options=options)
+        result = tune_method(method, base, tasks, out, lrs=lrs, options=options, jobs=args.jobs)
         write_tuned(path, method, result, record)
         log.info("%s: chose %s (validation AP %.2f)", method, result["settings"], result["score"])
     print(tuned_table(path))
@@ -624,6 +626,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr-grid", help="comma-separated learning rates (searched as given; default: a log-spaced grid per method kind, grown past a winning end)")
     p.add_argument("--option-grid", help="comma-separated values of the method's tuned option "
                                          f"({_tuned_options_help()})")
+    p.add_argument("--jobs", type=int, default=1, help="candidates trained at once, each in its own process "
+                   "(default 1): a round's rates, then its option's values")
     p.add_argument("--tuned-file", help="where to write the choices (default OUT/tuned.yaml; other methods' "
                                         "entries in it are kept)")
     p.add_argument("--out", required=True, help="tuning directory (one run per candidate, resumable)")

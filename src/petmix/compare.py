@@ -14,9 +14,7 @@ from __future__ import annotations
 import csv
 import io
 import logging
-import os
 import re
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +23,7 @@ from typing import Any
 from petmix.data.task import Task
 from petmix.errors import PetmixError
 from petmix.methods import METHODS
+from petmix.parallel import Run, train_runs
 from petmix.runs import holding, read_json, write_json
 from petmix.stats import NOISE_RULE, Summary, within_noise
 from petmix.train import TrainConfig, Trainer, finished_run, run_settings_diff, stages_wall_seconds
@@ -133,7 +132,7 @@ def run_comparison(entries: list[Entry], base: dict[str, Any], tasks: list[Task]
     are checked before anything is written; ``before_first`` runs then (the CLI starts its log there).
     ``train=False`` trains nothing: the tables hold the finished runs, the rest show as not yet run (a
     table that accumulates over sessions, read back from the archive). ``jobs`` > 1 trains that many
-    runs at once, each in its own process (``train_in_parallel``): the same runs, on fewer threads each."""
+    runs at once, each in its own process (``petmix.parallel``): the same runs, on fewer threads each."""
     out_dir = Path(out_dir)
     check_entries(entries)
     tuned = tuned or {}
@@ -205,23 +204,35 @@ def run_comparison(entries: list[Entry], base: dict[str, Any], tasks: list[Task]
             rows = floor_rows + [entry_row(e.label, runs[e.label], failures[e.label], seed_list, multi) for e in entries]
             write_tables(rows, names, out_dir, multi)
 
-        def start(entry: Entry, seed: int) -> tuple[TrainConfig, Path, str]:
+        seed_tasks: dict[int, list[Task]] = {}
+
+        def make(entry: Entry, seed: int) -> Run:
+            if seed not in seed_tasks:
+                seed_tasks[seed] = load(seed)
             tag = entry.label + (f" seed {seed}" if multi else "")
-            log.info("%s: training (%s) into %s", tag, configs[entry.label, seed].method, run_dir(entry, seed))
-            return configs[entry.label, seed], run_dir(entry, seed), tag
+            return Run(configs[entry.label, seed], seed_tasks[seed], run_dir(entry, seed), tag, (entry, seed))
 
         if jobs > 1 and len(todo) > 1:
-            train_in_parallel(todo, jobs, single, start, finished, load)
+            # a seed's single-task reference first: the seed's other runs read its scores when they start
+            due = {seed for seed, entry in todo if entry is single}
+
+            def ready(run: Run) -> bool:
+                return run.key[0] is single or run.key[1] not in due
+
+            def ended(run: Run, results: dict[str, Any] | None, error: str | None) -> None:
+                if run.key[0] is single:
+                    due.discard(run.key[1])
+                finished(*run.key, results, error)
+
+            train_runs([make(entry, seed) for seed, entry in todo], jobs, ended, ready)
         else:
-            seed_tasks: dict[int, list[Task]] = {}
             for seed, entry in todo:
-                cfg, where, tag = start(entry, seed)
-                if seed not in seed_tasks:
-                    seed_tasks[seed] = load(seed)
+                run = make(entry, seed)
+                log.info("%s: training (%s) into %s", run.tag, run.cfg.method, run.where)
                 try:
-                    results = Trainer(cfg, seed_tasks[seed], where).run()
+                    results = Trainer(run.cfg, run.tasks, run.where).run()
                 except Exception as err:  # one failing run must not cost the others theirs
-                    log.exception("%s failed; going on with the other runs", tag)
+                    log.exception("%s failed; going on with the other runs", run.tag)
                     finished(entry, seed, None, f"{type(err).__name__}: {err}")
                 else:
                     finished(entry, seed, results, None)
@@ -231,70 +242,6 @@ def run_comparison(entries: list[Entry], base: dict[str, Any], tasks: list[Task]
         if done:
             write_matrices_figure(done, out_dir / "matrices.png")
         return rows
-
-
-def _train_worker(cfg: TrainConfig, tasks: list[Task], where: str, tag: str, threads: int, log_file: str | None,
-                  level: int) -> tuple[dict[str, Any] | None, str | None]:
-    """One run in a worker process of ``train_in_parallel``: (results, None), or (None, the error)."""
-    import torch
-
-    if "OMP_NUM_THREADS" not in os.environ:  # the machine's cores, shared out; a set OMP_NUM_THREADS wins
-        torch.set_num_threads(threads)
-    root = logging.getLogger()
-    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
-    if log_file:
-        handlers.append(logging.FileHandler(log_file, encoding="utf-8"))  # the comparison's log.txt, appended
-    for h in handlers:
-        h.setFormatter(logging.Formatter(f"%(asctime)s %(levelname)s [{tag}] %(name)s: %(message)s", "%H:%M:%S"))
-        root.addHandler(h)
-    root.setLevel(level)
-    try:
-        return Trainer(cfg, tasks, Path(where)).run(), None
-    except Exception as err:  # returned, not raised: any exception, picklable or not, reaches the table
-        log.exception("%s failed; going on with the other runs", tag)
-        return None, f"{type(err).__name__}: {err}"
-
-
-def train_in_parallel(todo: list[tuple[int, Entry]], jobs: int, reference: Entry | None,
-                      start: Callable[[Entry, int], tuple[TrainConfig, Path, str]],
-                      finished: Callable[[Entry, int, dict[str, Any] | None, str | None], None],
-                      load: Callable[[int], list[Task]]) -> None:
-    """Train the (seed, entry) runs of ``todo`` in ``jobs`` worker processes, each loading its own model
-    (on a GPU they share it; on a CPU they share the cores). A seed's single-task ``reference`` runs before
-    that seed's other entries start, since they read its scores; ``finished`` gets each run as it ends."""
-    import multiprocessing
-    from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
-
-    threads = max(1, (os.cpu_count() or 1) // jobs)
-    log_file = next((h.baseFilename for h in logging.getLogger().handlers if isinstance(h, logging.FileHandler)), None)
-    waiting = list(todo)
-    references_due = {seed for seed, entry in todo if entry is reference}
-    tasks: dict[int, list[Task]] = {}
-    running: dict[Future, tuple[int, Entry]] = {}
-    # spawn, not fork: a forked child would inherit the parent's torch threads and locks mid-state
-    with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-        while waiting or running:
-            for seed, entry in list(waiting):
-                if len(running) >= jobs:
-                    break
-                if entry is not reference and seed in references_due:
-                    continue
-                waiting.remove((seed, entry))
-                cfg, where, tag = start(entry, seed)
-                if seed not in tasks:
-                    tasks[seed] = load(seed)
-                running[pool.submit(_train_worker, cfg, tasks[seed], str(where), tag, threads,
-                                    log_file, logging.getLogger().getEffectiveLevel())] = (seed, entry)
-            done, _ = wait(running, return_when=FIRST_COMPLETED)
-            for future in done:
-                seed, entry = running.pop(future)
-                try:
-                    results, error = future.result()
-                except Exception as err:  # the worker itself died (killed, out of memory)
-                    results, error = None, f"{type(err).__name__}: {err}"
-                if entry is reference:
-                    references_due.discard(seed)
-                finished(entry, seed, results, error)
 
 
 def compute_floors(out: Path, seeds: list[int], load: Callable[[int], list[Task]], cfg: TrainConfig

@@ -26,6 +26,7 @@ import yaml
 from petmix.data.task import Task, cap, split_off
 from petmix.errors import PetmixError
 from petmix.methods import get_method
+from petmix.parallel import Run, train_runs
 from petmix.runs import read_json
 from petmix.train import TrainConfig, Trainer, finished_run, run_settings_diff
 
@@ -147,11 +148,13 @@ def check_kept_candidates(method: str, base: dict[str, Any], tasks: list[Task], 
 
 
 def tune_method(method: str, base: dict[str, Any], tasks: list[Task], out: str | Path, *,
-                lrs: list[float] | None = None, options: list[Any] | None = None) -> dict[str, Any]:
+                lrs: list[float] | None = None, options: list[Any] | None = None, jobs: int = 1) -> dict[str, Any]:
     """Search ``method``'s learning rate, then its option, on ``tasks`` (already validation tasks: see
     ``validation_tasks``); each candidate trains into ``out/<method>/<candidate>`` (finished ones are
     read). The method's own grid grows past an end that wins (``EDGE_STEPS``); a given ``lrs`` is kept as
-    it is. Returns ``{"settings": {...}, "score": ..., "candidates": [...], "grid": {...}}``."""
+    it is. ``jobs`` > 1 trains each round's candidates (the rates, then the option's values) that many at
+    once, each in its own process (``petmix.parallel``). Returns ``{"settings": {...}, "score": ...,
+    "candidates": [...], "grid": {...}}``."""
     out = Path(out) / method
     cfg0 = TrainConfig.from_dict({**base, "method": method}, f"tune {method}")
     extend = not lrs
@@ -161,13 +164,23 @@ def tune_method(method: str, base: dict[str, Any], tasks: list[Task], out: str |
         opt = (opt[0], typed_options(opt, options))
     candidates: list[dict[str, Any]] = []
 
+    def candidate(settings: dict[str, Any]) -> tuple[TrainConfig, Path]:
+        name = _name(settings)
+        return TrainConfig.from_dict({**base, "method": method, **settings}, f"tune {method} {name}"), out / name
+
+    def train_together(grid: list[dict[str, Any]]) -> None:
+        """With ``jobs``: the round's unfinished candidates trained at once; ``score`` then reads them (one
+        that failed here trains again in ``score``, which raises its error as a single run would)."""
+        todo = [Run(cfg, tasks, run, f"tune {method} {_name(s)}") for s in grid for cfg, run in [candidate(s)]
+                if not any(c["settings"] == s for c in candidates) and not finished_run(run, method, len(tasks))]
+        if jobs > 1 and len(todo) > 1:
+            train_runs(todo, jobs, lambda run, results, error: None)
+
     def score(settings: dict[str, Any]) -> float:
         for c in candidates:
             if c["settings"] == settings:
                 return c["score"]
-        name = _name(settings)
-        cfg = TrainConfig.from_dict({**base, "method": method, **settings}, f"tune {method} {name}")
-        run = out / name
+        cfg, run = candidate(settings)
         done = finished_run(run, method, len(tasks))
         if done:  # a candidate finished earlier (or kept in an archive) must have these settings
             diff = run_settings_diff(run, cfg, [t.name for t in tasks])
@@ -177,7 +190,7 @@ def tune_method(method: str, base: dict[str, Any], tasks: list[Task], out: str |
         results = read_json(run / "results.json") if done else Trainer(cfg, tasks, run).run()
         value = results["metrics"]["AP"]
         value = -math.inf if value is None else float(value)
-        log.info("tune %s %s: validation AP %.2f", method, name, value)
+        log.info("tune %s %s: validation AP %.2f", method, run.name, value)
         candidates.append({"settings": dict(settings), "score": round(value, 4), "run": str(run)})
         return value
 
@@ -187,6 +200,7 @@ def tune_method(method: str, base: dict[str, Any], tasks: list[Task], out: str |
 
     def best_of(grid: list[dict[str, Any]], searched: str) -> tuple[dict[str, Any], str | None]:
         """The first candidate within one answer of the best, and a note where that overturned a lead."""
+        train_together(grid)
         scores = [score(s) for s in grid]
         top = max(scores)
         first = next((i for i, v in enumerate(scores) if v > top - resolution), 0)  # all -inf: the first

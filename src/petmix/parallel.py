@@ -1,0 +1,87 @@
+"""Training runs in worker processes, several at once: ``compare --jobs`` and ``tune --jobs``.
+
+Each run trains in a spawned process that loads its own copy of the model (on a GPU the processes share
+it; on a CPU they share the cores: each gets cores / N threads unless ``OMP_NUM_THREADS`` is set). A run
+is the one the caller would have trained in-process: same config, same tasks, same folder. Workers log
+to stderr and into the caller's log file, each line tagged with its run's name.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from petmix.data.task import Task
+from petmix.train import TrainConfig, Trainer
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Run:
+    """One training run to make: what ``Trainer(cfg, tasks, where).run()`` would make in-process."""
+
+    cfg: TrainConfig
+    tasks: list[Task]
+    where: Path
+    tag: str  # its name in the log
+    key: Any = None  # the caller's handle on it
+
+
+def _train_worker(run: Run, threads: int, log_file: str | None, level: int) -> tuple[dict[str, Any] | None, str | None]:
+    """One run in a worker process: (results, None), or (None, the error)."""
+    import torch
+
+    if "OMP_NUM_THREADS" not in os.environ:  # the machine's cores, shared out; a set OMP_NUM_THREADS wins
+        torch.set_num_threads(threads)
+    root = logging.getLogger()
+    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
+    if log_file:
+        handlers.append(logging.FileHandler(log_file, encoding="utf-8"))  # the caller's log.txt, appended
+    for h in handlers:
+        h.setFormatter(logging.Formatter(f"%(asctime)s %(levelname)s [{run.tag}] %(name)s: %(message)s", "%H:%M:%S"))
+        root.addHandler(h)
+    root.setLevel(level)
+    try:
+        return Trainer(run.cfg, run.tasks, run.where).run(), None
+    except Exception as err:  # returned, not raised: any exception, picklable or not, reaches the caller
+        log.exception("%s failed; going on with the other runs", run.tag)
+        return None, f"{type(err).__name__}: {err}"
+
+
+def train_runs(todo: list[Run], jobs: int, finished: Callable[[Run, dict[str, Any] | None, str | None], None],
+               ready: Callable[[Run], bool] = lambda run: True) -> None:
+    """Train ``todo`` in ``jobs`` worker processes, in order, starting a run only once ``ready(run)`` (asked
+    again whenever a run ends: a run that reads another's results waits for it); ``finished(run, results,
+    error)`` gets each run as it ends. Whatever ``ready`` holds back once nothing runs starts anyway, so
+    that a dependency that failed shows as the waiting run's own error rather than a hang."""
+    import multiprocessing
+    from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    log_file = next((h.baseFilename for h in logging.getLogger().handlers  # the log.txt setup_logging opened
+                     if isinstance(h, logging.FileHandler) and getattr(h, "_petmix", False)), None)
+    level = logging.getLogger().getEffectiveLevel()
+    waiting = list(todo)
+    running: dict[Future, Run] = {}
+    # spawn, not fork: a forked child would inherit the parent's torch threads and locks mid-state
+    with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        while waiting or running:
+            startable = [r for r in waiting if ready(r)] or ([] if running else waiting[:1])
+            for run in startable[: jobs - len(running)]:
+                waiting.remove(run)
+                log.info("%s: training (%s) into %s", run.tag, run.cfg.method, run.where)
+                running[pool.submit(_train_worker, run, threads, log_file, level)] = run
+            done, _ = wait(running, return_when=FIRST_COMPLETED)
+            for future in done:
+                run = running.pop(future)
+                try:
+                    results, error = future.result()
+                except Exception as err:  # the worker itself died (killed, out of memory)
+                    results, error = None, f"{type(err).__name__}: {err}"
+                finished(run, results, error)
