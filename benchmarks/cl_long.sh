@@ -16,7 +16,7 @@ STREAM="${STREAM:-long4-avail-order1}"
 OUT="${OUT:-runs/bench/$STREAM}"
 CONFIG=benchmarks/configs/long4_cpu.yaml
 TUNE="${TUNE:-per-task-lora,sapt-lora,seq-lora,inc-lora,mtl-lora,sapt-prompt,seq-prompt,seq-ft,replay,ewc,lwf,o-lora,l2p,lfpt5,prog-prompt}"
-kept_tune "$OUT/tune" --config "$CONFIG" --stream "$STREAM" --methods "$TUNE" --tune-tasks 2 --val-max 50
+kept_tune "$OUT/tune" --config "$CONFIG" --stream "$STREAM" --methods "$TUNE" --tune-tasks 2 --val-max 50 --jobs "${JOBS:-1}"
 kept_compare "$OUT/compare" --config "$CONFIG" --stream "$STREAM" --max-test 100 --seeds "${SEEDS:-0,1,2}" --jobs "${JOBS:-1}" \
   --tuned "$OUT/tune/tuned.yaml" \
   --methods "${METHODS:-per-task-lora,sapt-lora,seq-lora,inc-lora,mtl-lora,sapt-prompt,seq-prompt,seq-ft,replay,ewc,lwf,o-lora,l2p,lfpt5,prog-prompt}"

@@ -16,7 +16,7 @@ source benchmarks/kept.sh
 OUT="${OUT:-runs/bench/superni5}"
 CONFIG=benchmarks/configs/superni5_cpu.yaml
 TUNE="${TUNE:-per-task-lora,sapt-lora,seq-lora,inc-lora,mtl-lora,sapt-prompt,seq-prompt,seq-ft,replay,ewc,lwf,o-lora,l2p,lfpt5,prog-prompt}"
-kept_tune "$OUT/tune" --config "$CONFIG" --methods "$TUNE" --tune-tasks 2 --val-max 50
+kept_tune "$OUT/tune" --config "$CONFIG" --methods "$TUNE" --tune-tasks 2 --val-max 50 --jobs "${JOBS:-1}"
 # Ablations keep their own setting over the tuned one (an entry's key=value wins); the rest are tuned.
 kept_compare "$OUT/compare" --config "$CONFIG" --max-test 100 --seeds "${SEEDS:-0,1,2}" --jobs "${JOBS:-1}" --tuned "$OUT/tune/tuned.yaml" \
   --methods "${METHODS:-per-task-lora,sapt-lora,sapt-lora-no-arm=sapt-lora:kl_ratio=0,sapt-lora-arm-real=sapt-lora:replay_source=real,seq-lora,inc-lora,mtl-lora,sapt-prompt,seq-prompt,seq-ft,replay,ewc,lwf,o-lora,l2p,lfpt5,prog-prompt}"
