@@ -66,6 +66,26 @@ def test_jobs_train_the_same_runs_in_worker_processes(tiny_llama_path, tmp_path)
     assert "no_such_weight" in two["broken"]["failed"] and "failed" not in two["seq-lora"]
 
 
+def test_a_worker_logs_each_run_once_under_its_own_name(tmp_path):
+    import logging
+
+    from petmix.parallel import worker_logging
+
+    root = logging.getLogger()
+    before = list(root.handlers)
+    try:
+        for tag in ("first seed 0", "second seed 0"):  # one worker process, two runs in turn
+            worker_logging(tag, str(tmp_path / "log.txt"), logging.INFO)
+            logging.getLogger("petmix.train").info("stage 1 done")
+    finally:
+        for h in [h for h in root.handlers if h not in before]:
+            root.removeHandler(h)
+            h.close()
+    lines = (tmp_path / "log.txt").read_text().splitlines()
+    assert [line.split(" INFO ")[1] for line in lines] == ["[first seed 0] petmix.train: stage 1 done",
+                                                           "[second seed 0] petmix.train: stage 1 done"]
+
+
 def test_compare_cli_bad_entry_exits_2(tmp_path, capsys):
     assert main(["compare", "--methods", "sapt-lora:oops", "--out", str(tmp_path / "c")]) == 2
     assert "key=value" in capsys.readouterr().err

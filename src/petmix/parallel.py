@@ -33,20 +33,30 @@ class Run:
     key: Any = None  # the caller's handle on it
 
 
+def worker_logging(tag: str, log_file: str | None, level: int) -> None:
+    """A worker's log lines, tagged with its current run: to stderr and the caller's log file. A worker
+    process trains one run after another, so the previous run's handlers go first."""
+    root = logging.getLogger()
+    for h in [h for h in root.handlers if getattr(h, "_petmix_worker", False)]:
+        root.removeHandler(h)
+        h.close()
+    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
+    if log_file:
+        handlers.append(logging.FileHandler(log_file, encoding="utf-8"))  # the caller's log.txt, appended
+    for h in handlers:
+        h.setFormatter(logging.Formatter(f"%(asctime)s %(levelname)s [{tag}] %(name)s: %(message)s", "%H:%M:%S"))
+        h._petmix_worker = True  # type: ignore[attr-defined]
+        root.addHandler(h)
+    root.setLevel(level)
+
+
 def _train_worker(run: Run, threads: int, log_file: str | None, level: int) -> tuple[dict[str, Any] | None, str | None]:
     """One run in a worker process: (results, None), or (None, the error)."""
     import torch
 
     if "OMP_NUM_THREADS" not in os.environ:  # the machine's cores, shared out; a set OMP_NUM_THREADS wins
         torch.set_num_threads(threads)
-    root = logging.getLogger()
-    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
-    if log_file:
-        handlers.append(logging.FileHandler(log_file, encoding="utf-8"))  # the caller's log.txt, appended
-    for h in handlers:
-        h.setFormatter(logging.Formatter(f"%(asctime)s %(levelname)s [{run.tag}] %(name)s: %(message)s", "%H:%M:%S"))
-        root.addHandler(h)
-    root.setLevel(level)
+    worker_logging(run.tag, log_file, level)
     try:
         return Trainer(run.cfg, run.tasks, run.where).run(), None
     except Exception as err:  # returned, not raised: any exception, picklable or not, reaches the caller
