@@ -20,8 +20,6 @@ from pathlib import Path
 from petmix.stats import Summary, within_noise
 
 METRICS = ["AP", "F.Ra", "FWT", "BWT", "routing acc"]
-
-
 FLOORS = ["floor: majority label", "floor: zero-shot"]
 
 

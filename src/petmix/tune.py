@@ -171,9 +171,11 @@ def tune_method(method: str, base: dict[str, Any], tasks: list[Task], out: str |
     def train_together(grid: list[dict[str, Any]]) -> None:
         """With ``jobs``: the round's unfinished candidates trained at once; ``score`` then reads them (one
         that failed here trains again in ``score``, which raises its error as a single run would)."""
+        if jobs <= 1:
+            return
         todo = [Run(cfg, tasks, run, f"tune {method} {_name(s)}") for s in grid for cfg, run in [candidate(s)]
                 if not any(c["settings"] == s for c in candidates) and not finished_run(run, method, len(tasks))]
-        if jobs > 1 and len(todo) > 1:
+        if len(todo) > 1:
             train_runs(todo, jobs, lambda run, results, error: None)
 
     def score(settings: dict[str, Any]) -> float:
