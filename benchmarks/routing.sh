@@ -29,5 +29,5 @@ for stream in ${STREAMS:-superni5 long4 long4-shared}; do
   kept_compare "$out" --config "$config" "${extra[@]}" --seeds "${SEEDS:-0,1,2}" \
     --methods "${METHODS:-per-task-lora,sapt-lora,sapt-paper=sapt-lora:router=paper:replay_source=generated:kl_ratio=0.1}"
   [ -n "${METHODS:-}" ] && continue  # a chosen subset of the main table: no baselines this time
-  kept_compare "$out-baselines" --config "$config" "${extra[@]}" --seeds 0 --methods "inc-lora,seq-lora,o-lora"
+  kept_compare "$out-baselines" --config "$config" "${extra[@]}" --seeds 0 --methods "inc-lora,seq-lora,o-lora=o-lora:olora_lambda1=0.5"  # its paper weight, as archived
 done

@@ -22,7 +22,9 @@ if TYPE_CHECKING:
 
 @dataclass
 class LwFOptions:
-    lwf_alpha: float = setting(1.0, "lwf: weight of the distillation term", ge=0)
+    # 0.1: `petmix tune`'s pick on the default model (docs/tuned.md: SuperNI, 47.5 against 45.0 at LwF's usual
+    # 1 and 46.5 at 0.01); at 1 the distillation outweighs the new task's labels on a shared LM head.
+    lwf_alpha: float = setting(0.1, "lwf: weight of the distillation term (LwF's usual: 1)", ge=0)
     lwf_temperature: float = setting(2.0, "lwf: distillation temperature", gt=0)
     lwf_topk: int = setting(20, "lwf: teacher distribution kept over its top-k tokens per answer position", ge=1)
 
