@@ -153,6 +153,17 @@ def test_resume_refuses_other_settings(tiny_llama_path, tmp_path):
         run(tiny_llama_path, tmp_path / "r", lora_r=8)
 
 
+def test_kept_runs_ignore_other_methods_options():
+    """A run records every option; a change in another method's (its default, say) leaves the run valid."""
+    from petmix.train import settings_diff
+
+    old = TrainConfig.from_dict({"method": "o-lora"}).to_dict()
+    assert settings_diff(old, TrainConfig.from_dict({"method": "o-lora", "lwf_alpha": 0.5}).to_dict()) == []
+    assert settings_diff(old, TrainConfig.from_dict({"method": "o-lora", "olora_lambda1": 2.5}).to_dict()) == [
+        "olora_lambda1"]
+    assert settings_diff(old, TrainConfig.from_dict({"method": "o-lora", "lora_r": 2}).to_dict()) == ["lora_r"]
+
+
 def test_mtl_is_one_joint_stage(tiny_llama_path, tmp_path):
     res = run(tiny_llama_path, tmp_path / "mtl", method="mtl-lora")
     assert len(res["matrix"]) == 1 and None not in res["matrix"][0]

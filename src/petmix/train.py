@@ -32,6 +32,7 @@ from petmix.data.templates import format_prompt
 from petmix.errors import PetmixError
 from petmix.evaluate import evaluate_tasks
 from petmix.methods import Method, StageHook, get_method
+from petmix.methods.base import foreign_options
 from petmix.metrics import ROUTING_DEFINITION, cl_metrics, routing_accuracy, single_row_metrics
 from petmix.peft_io import read_run_imports, use_imported_block
 from petmix.runs import (
@@ -73,11 +74,12 @@ def device_label(device: torch.device) -> str:
 def settings_diff(old: dict[str, Any], resolved: dict[str, Any]) -> list[str]:
     """Keys whose recorded value (a run's config.json) differs from ``resolved``: such a run cannot be
     resumed or read as a run of these settings. Keys an older petmix did not write were at their
-    defaults then: only recorded keys count."""
+    defaults then: only recorded keys count; so were other methods' options, which the run never read."""
     old = {"router": "paper", **old}  # runs from before the presets used the paper's
     if old.get("test_seed") is None and resolved.get("test_seed") == old.get("seed"):
         old["test_seed"] = resolved.get("test_seed")  # its test examples were drawn with its seed: the same
-    return sorted(k for k in resolved if k not in RESUMABLE_CHANGES and k in old and old[k] != resolved[k])
+    ignored = RESUMABLE_CHANGES | foreign_options(str(resolved.get("method")))
+    return sorted(k for k in resolved if k not in ignored and k in old and old[k] != resolved[k])
 
 
 def finished_run(run_dir: Path, method: str, n_tasks: int) -> bool:

@@ -261,6 +261,15 @@ def unregister_method(name: str) -> None:
                 del _OPTION_FIELDS[f.name]
 
 
+def foreign_options(method: str) -> set[str]:
+    """The option names that no setting of ``method`` reads: other methods' options. A run records every
+    option in its config.json, but a run of one method does not depend on another's (a change of LwF's
+    default leaves an O-LoRA run what it was)."""
+    m = METHODS.get(method)
+    own = {f.name for f in dataclasses.fields(m.options)} if m is not None and m.options is not None else set()
+    return set(_OPTION_FIELDS) - own
+
+
 def option_fields() -> dict[str, tuple[type, dataclasses.Field]]:
     """Every registered method option: name -> (the options class that declares it, its field)."""
     return dict(_OPTION_FIELDS)
