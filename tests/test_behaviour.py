@@ -38,9 +38,10 @@ RUNS: dict[str, dict] = {
     "attempt": dict(method="attempt", lr=1e-2, batch_size=4, max_new_tokens=2, prompt_length=10),
     "attempt-m": dict(method="attempt-m", lr=1e-2, batch_size=4, max_new_tokens=2, prompt_length=10),
     "ewc": dict(method="ewc", lr=5e-3, batch_size=4, max_new_tokens=3, ewc_fisher_batches=2),
-    "lwf": dict(method="lwf", lr=5e-3, batch_size=4, max_new_tokens=3),
-    "l2p": dict(method="l2p", lr=5e-2, batch_size=4, max_new_tokens=3, l2p_pool_size=4, l2p_top_k=2),
-    "o-lora": dict(method="o-lora", lr=5e-3, batch_size=4, max_new_tokens=3),
+    "lwf": dict(method="lwf", lr=5e-3, batch_size=4, max_new_tokens=3, lwf_alpha=1.0),  # recorded before 0.1 was its default
+    "l2p": dict(method="l2p", lr=5e-2, batch_size=4, max_new_tokens=3, l2p_pool_size=4, l2p_top_k=2,
+                prompt_length=10),  # recorded before 20 was its default
+    "o-lora": dict(method="o-lora", lr=5e-3, batch_size=4, max_new_tokens=3, olora_lambda1=0.5),  # likewise, 0.1
     "replay": dict(method="replay", lr=5e-3, batch_size=4, max_new_tokens=3, buffer_per_task=4),
     "prog-prompt": dict(method="prog-prompt", lr=5e-2, batch_size=4, max_new_tokens=3),
 }

@@ -323,8 +323,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
     if seeds:
         tasks = tasks_for_seed(cfg.seed)
-    # An lr left unset stays unset: each entry then trains at its own method's default rate.
-    base = {k: v for k, v in cfg.to_dict().items() if k != "method" and (k != "lr" or "lr" in cfg.explicit)}
+    base = cfg.shared_settings()  # each entry trains at its own method's lr and prompt length unless set
     tuned = load_tuned(args.tuned) if getattr(args, "tuned", None) else {}
     record = {"command": command_line(getattr(args, "argv", None)), "tuned_file": getattr(args, "tuned", None)}
     rows = run_comparison(entries, base, tasks, out, seeds=seeds, tasks_for_seed=tasks_for_seed, tuned=tuned,
@@ -393,7 +392,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
     # Uncapped train (the validation split comes out of all of it); the test split is replaced unread.
     loaded = load_tasks(specs, cfg.data, max_train=None, max_test=None, seed=cfg.seed, test_seed=cfg.test_seed)
     tasks = validation_tasks(loaded, args.val_fraction, cfg.seed, args.val_max, cfg.max_train)
-    base = {k: v for k, v in cfg.to_dict().items() if k not in ("method", "tasks", "stream")}
+    base = {k: v for k, v in cfg.shared_settings().items() if k not in ("tasks", "stream")}
     base["tasks"] = [t.name for t in tasks]
     path = Path(args.tuned_file) if args.tuned_file else out / "tuned.yaml"
     record = {"command": command_line(getattr(args, "argv", None)), "model": cfg.model,
@@ -471,6 +470,9 @@ def _describe_method(m: Any) -> None:
     print(f"  router: {m.routing}" + (" (task id given at test)" if m.task_id_at_test else " (no task id at test)"))
     where = "its own tuned pick" if m.tuned_lr is not None else f"its kind's, {m.lr_kind()}"
     print(f"  default lr: {m.default_lr():g} ({where}, docs/tuned.md; --lr sets another, `petmix tune` picks one on train)")
+    if m.block == "prompt":
+        where = "its own tuned pick" if m.tuned_prompt_length is not None else "the common one"
+        print(f"  default prompt length: {m.default_prompt_length()} ({where}, docs/tuned.md; --prompt-length sets another)")
     if m.needs_sources:
         print("  needs source prompts: --sources (see `petmix sources train`)")
     if m.options is None:

@@ -26,6 +26,9 @@ from petmix.router import ROUTER_PRESETS
 from petmix.runs import read_json, verify_safetensors
 from petmix.validation import check_fields, check_keys, namer
 
+# Settings whose None means "the method's own" (``Method.default_lr``, ``Method.default_prompt_length``).
+METHOD_DEFAULTED = ("lr", "prompt_length")
+
 
 @dataclass(init=False, eq=False)
 class TrainConfig:
@@ -55,7 +58,9 @@ class TrainConfig:
     lora_dropout: float = setting(0.0, "LoRA dropout", ge=0, lt=1)
     target_modules: list[str] = setting(help="comma-separated module names to put LoRA on (default q and v "
                                              "projections)", factory=list)
-    prompt_length: int = setting(10, "prompt methods: soft prompt tokens per block", ge=1)
+    # None: the method's own (Method.default_prompt_length: `petmix tune`'s pick, docs/tuned.md, else 10)
+    prompt_length: int | None = setting(None, "prompt methods: soft prompt tokens per block; default the method's: 10 "
+                                              "(5 seq-prompt and lfpt5, 20 l2p and p-tuning-v2)", ge=1)
     prompt_init: str = setting("vocab", "prompt methods: vocab (random vocabulary embeddings), a saved prompt "
                                         ".safetensors, or the task name of a source prompt (with sources)")
     prompt_depth: str | None = setting(None, "prompt methods: shallow or deep (a prompt at every layer); default "
@@ -117,17 +122,27 @@ class TrainConfig:
             setattr(self, name, values.pop(name) if name in values else f.default)
         if values:
             raise TypeError(f"TrainConfig got unknown settings {sorted(values)}")
-        if self.lr is None:  # the method's own rate (an unknown method is validate()'s to report)
+        if self.lr is None or self.prompt_length is None:  # the method's own (an unknown one is validate()'s)
             try:
-                self.lr = get_method(self.method).default_lr(self.prompt_encoder, self.prompt_depth)
+                method = get_method(self.method)
             except PetmixError:
-                pass
+                method = None
+            if method is not None and self.lr is None:
+                self.lr = method.default_lr(self.prompt_encoder, self.prompt_depth)
+            if method is not None and self.prompt_length is None:
+                self.prompt_length = method.default_prompt_length()
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, TrainConfig) and self.to_dict() == other.to_dict()
 
     def __repr__(self) -> str:
         return f"TrainConfig({', '.join(f'{k}={v!r}' for k, v in self.to_dict().items())})"
+
+    def shared_settings(self) -> dict[str, Any]:
+        """The settings a comparison or tuning hands to each of its methods: all but the method, and but
+        the keys left unset that each method defaults on its own (``METHOD_DEFAULTED``)."""
+        return {k: v for k, v in self.to_dict().items()
+                if k != "method" and (k not in METHOD_DEFAULTED or k in self.explicit)}
 
     def to_dict(self) -> dict[str, Any]:
         """Every setting, flat (what a run's config.json records)."""

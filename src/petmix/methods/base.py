@@ -86,6 +86,10 @@ HookFactory = Callable[[Stage, Any], "StageHook | None"]
 DEFAULT_LRS: dict[str, float] = {"prompt": 1e-1, "prompt-attention": 3e-2, "prompt-deep": 3e-3,
                                  "prompt-encoder": 1e-3, "lora": 1e-3, "full": 1e-5}
 
+# Soft prompt tokens per block when a run sets none and the method has no length of its own (``Method.
+# tuned_prompt_length``).
+DEFAULT_PROMPT_LENGTH = 10
+
 
 @dataclass(frozen=True)
 class Method:
@@ -110,6 +114,7 @@ class Method:
     # term is ~0 in every stage of the run at the default, no value of the option changes the run.
     tuned_option_loss: str | None = None
     tuned_lr: float | None = None  # `petmix tune`'s pick on the default model where it is not its kind's default
+    tuned_prompt_length: int | None = None  # likewise, where it is not DEFAULT_PROMPT_LENGTH (prompt methods)
     summary: str = ""
     paper: str = ""
 
@@ -134,6 +139,10 @@ class Method:
         if self.tuned_lr is not None and kind == self.lr_kind():
             return self.tuned_lr
         return DEFAULT_LRS[kind]
+
+    def default_prompt_length(self) -> int:
+        """Prompt tokens per block when a run sets none: the method's own tuned pick, else the common one."""
+        return self.tuned_prompt_length or DEFAULT_PROMPT_LENGTH
 
     def router_class(self) -> type:
         from petmix.router import ROUTERS
