@@ -74,7 +74,8 @@ def device_label(device: torch.device) -> str:
 def settings_diff(old: dict[str, Any], resolved: dict[str, Any]) -> list[str]:
     """Keys whose recorded value (a run's config.json) differs from ``resolved``: such a run cannot be
     resumed or read as a run of these settings. Keys an older petmix did not write were at their
-    defaults then: only recorded keys count; so were other methods' options, which the run never read."""
+    defaults then: only recorded keys count. Other methods' options do not count either: the run never
+    read them."""
     old = {"router": "paper", **old}  # runs from before the presets used the paper's
     if old.get("test_seed") is None and resolved.get("test_seed") == old.get("seed"):
         old["test_seed"] = resolved.get("test_seed")  # its test examples were drawn with its seed: the same
