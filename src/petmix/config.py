@@ -42,7 +42,7 @@ class TrainConfig:
     # `petmix tune` on the default model; the papers' rates are in configs/paper: 3e-4 T5, 5e-5 LLaMA)
     lr: float | None = setting(None, "learning rate (constant); default the method's (`petmix methods NAME`): 1e-1 "
                                      "raw soft prompts (1e-2 seq-prompt and lfpt5, 3e-2 prog-prompt, 3e-3 l2p), 3e-2 ATTEMPT, 3e-3 deep prompts, 1e-3 LoRA (3e-3 sapt-lora, "
-                                     "per-task-lora, inc-lora; 3e-4 mtl-lora), BitFit and prompt encoders, 1e-5 full weights", gt=0)
+                                     "per-task-lora; 3e-4 mtl-lora), BitFit and prompt encoders, 1e-5 full weights", gt=0)
     batch_size: int = setting(8, "examples per micro-batch", ge=1)
     grad_accum: int = setting(1, "micro-batches per optimiser step", ge=1)
     max_train: int | None = setting(None, "cap on training examples per task", ge=1)
