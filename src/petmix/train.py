@@ -31,8 +31,7 @@ from petmix.data.task import Example, Task
 from petmix.data.templates import format_prompt
 from petmix.errors import PetmixError
 from petmix.evaluate import evaluate_tasks
-from petmix.methods import Method, StageHook, get_method
-from petmix.methods.base import foreign_options
+from petmix.methods import Method, StageHook, foreign_options, get_method
 from petmix.metrics import ROUTING_DEFINITION, cl_metrics, routing_accuracy, single_row_metrics
 from petmix.peft_io import read_run_imports, use_imported_block
 from petmix.runs import (

@@ -9,6 +9,7 @@ from petmix.methods.base import (
     METHODS,
     Method,
     StageHook,
+    foreign_options,
     get_method,
     option_fields,
     register_method,
@@ -20,5 +21,5 @@ for _module in ["sapt"] + sorted(m.name for m in pkgutil.iter_modules(__path__) 
 
 DEFAULT_METHOD = "sapt-lora"  # what `petmix train` runs when no method is named
 
-__all__ = ["DEFAULT_METHOD", "METHODS", "Method", "StageHook", "get_method", "option_fields", "register_method",
-           "setting"]
+__all__ = ["DEFAULT_METHOD", "METHODS", "Method", "StageHook", "foreign_options", "get_method", "option_fields",
+           "register_method", "setting"]
