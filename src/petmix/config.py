@@ -21,7 +21,7 @@ from typing import Any
 from petmix.backbone import DEFAULT_MODEL
 from petmix.errors import PetmixError
 from petmix.evaluate import GenerationConfig
-from petmix.methods import DEFAULT_METHOD, get_method, option_fields, setting
+from petmix.methods import DEFAULT_METHOD, METHODS, get_method, option_fields, setting
 from petmix.router import ROUTER_PRESETS
 from petmix.runs import read_json, verify_safetensors
 from petmix.validation import check_fields, check_keys, namer
@@ -122,15 +122,11 @@ class TrainConfig:
             setattr(self, name, values.pop(name) if name in values else f.default)
         if values:
             raise TypeError(f"TrainConfig got unknown settings {sorted(values)}")
-        if self.lr is None or self.prompt_length is None:  # the method's own (an unknown one is validate()'s)
-            try:
-                method = get_method(self.method)
-            except PetmixError:
-                method = None
-            if method is not None and self.lr is None:
-                self.lr = method.default_lr(self.prompt_encoder, self.prompt_depth)
-            if method is not None and self.prompt_length is None:
-                self.prompt_length = method.default_prompt_length()
+        method = METHODS.get(self.method)  # unset METHOD_DEFAULTED keys: the method's own (an unknown one is validate()'s)
+        if method is not None and self.lr is None:
+            self.lr = method.default_lr(self.prompt_encoder, self.prompt_depth)
+        if method is not None and self.prompt_length is None:
+            self.prompt_length = method.default_prompt_length()
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, TrainConfig) and self.to_dict() == other.to_dict()
