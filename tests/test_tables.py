@@ -139,6 +139,78 @@ def test_tuner_never_reads_test_labels(tiny_llama_path, tmp_path):
     assert _train_config(args, apply_tuned=True).lr == 0.5
 
 
+def _tune_argv(model: Path, out: Path, jobs: int) -> list[str]:
+    return ["tune", "--methods", "lora,seq-lora", "--model", str(model), "--data", str(CL), "--tasks", "tinysent",
+            "--tune-tasks", "1", "--jobs", str(jobs), "--out", str(out)]
+
+
+def test_tune_jobs_searches_every_method_at_once(tiny_llama_path, tmp_path, monkeypatch, capsys):
+    """With --jobs, each method's search runs in its own thread and their rounds share the workers: the
+    two methods' first rounds must be in flight together (a barrier both have to reach, which a
+    method-after-method search never passes), and the choices are those of --jobs 1. A candidate that
+    fails ends its own method's search, named; the other method's choice is still written."""
+    import threading
+
+    import petmix.parallel as parallel
+    import petmix.tune as tune
+
+    def fake_ap(cfg) -> float:
+        return 100 - 60 * abs(math.log10(cfg.lr / 1e-3)) - (cfg.method == "seq-lora")  # steps > 25 AP apart
+
+    class FakeTrainer:  # --jobs 1: in this process
+        def __init__(self, cfg, tasks, run):
+            self.cfg = cfg
+
+        def run(self):
+            return {"metrics": {"AP": fake_ap(self.cfg)}}
+
+    meet, first_rounds, fail = threading.Barrier(2, timeout=20), set(), {}
+
+    class FakePool:  # --jobs 2: "workers" that write each run's results where the real ones would
+        def __init__(self, jobs):
+            assert jobs == 2
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return None
+
+        def train(self, runs):
+            method = runs[0].cfg.method
+            if method not in first_rounds:
+                first_rounds.add(method)
+                meet.wait()  # BrokenBarrierError unless the other method's first round is waiting too
+            out = []
+            for run in runs:
+                if fail.get(method) == run.cfg.lr:
+                    out.append((None, "RuntimeError: boom"))
+                    continue
+                results = {"matrix": [[0.0]], "metrics": {"AP": fake_ap(run.cfg)}}
+                run.where.mkdir(parents=True, exist_ok=True)
+                (run.where / "results.json").write_text(json.dumps(results))
+                out.append((results, None))
+            return out
+
+    monkeypatch.setattr(tune, "Trainer", FakeTrainer)
+    monkeypatch.setattr(parallel, "WorkerPool", FakePool)
+    chosen = {}
+    for jobs in (1, 2):
+        assert main(_tune_argv(tiny_llama_path, tmp_path / f"jobs{jobs}", jobs)) == 0
+        data = yaml.safe_load((tmp_path / f"jobs{jobs}" / "tuned.yaml").read_text())["methods"]
+        chosen[jobs] = {m: (e["settings"], [(c["settings"], c["score"]) for c in e["candidates"]])
+                        for m, e in data.items()}
+    assert first_rounds == {"lora", "seq-lora"} and chosen[2] == chosen[1]
+    assert chosen[1]["lora"][0] == {"lr": 1e-3}
+    capsys.readouterr()
+    first_rounds.clear()
+    meet.reset()
+    fail["seq-lora"] = 3e-3
+    assert main(_tune_argv(tiny_llama_path, tmp_path / "failed", 2)) == 2
+    assert "tune seq-lora lr-0.003: training failed: RuntimeError: boom" in capsys.readouterr().err
+    assert list(yaml.safe_load((tmp_path / "failed" / "tuned.yaml").read_text())["methods"]) == ["lora"]
+
+
 class _Untouchable(list):
     def _no(self, *a, **k):
         raise AssertionError("the test split was read")

@@ -402,10 +402,32 @@ def cmd_tune(args: argparse.Namespace) -> int:
     for method in methods:  # every kept candidate is checked before the first one trains
         check_kept_candidates(method, base, tasks, out)
     setup_logging(out, args.verbose)  # the inputs are good: the first thing written
-    for method in methods:
-        result = tune_method(method, base, tasks, out, lrs=lrs, options=options, jobs=args.jobs)
-        write_tuned(path, method, result, record)
+
+    def chosen(method: str, result: dict[str, Any]) -> None:
+        write_tuned(path, method, result, record)  # as each method ends: a killed tune keeps what it chose
         log.info("%s: chose %s (validation AP %.2f)", method, result["settings"], result["score"])
+
+    if args.jobs == 1:
+        for method in methods:
+            chosen(method, tune_method(method, base, tasks, out, lrs=lrs, options=options))
+    else:  # every method's search at once, each in a thread, their candidates sharing the worker processes
+        from concurrent.futures import ThreadPoolExecutor, as_completed
+
+        from petmix.parallel import WorkerPool
+
+        errors = []
+        # the workers close first on the way out (Ctrl-C: queued candidates cancelled), then the threads end
+        with ThreadPoolExecutor(len(methods)) as threads, WorkerPool(args.jobs) as workers:
+            searches = {threads.submit(tune_method, m, base, tasks, out, lrs=lrs, options=options, workers=workers): m
+                        for m in methods}
+            for search in as_completed(searches):
+                try:
+                    chosen(searches[search], search.result())
+                except Exception as err:  # the other methods' searches go on; the first error is raised after
+                    log.error("tune %s failed: %s", searches[search], err)
+                    errors.append(err)
+        if errors:
+            raise errors[0]
     print(tuned_table(path))
     print(f"wrote {path}: use it with --tuned {path}")
     return 0
@@ -629,7 +651,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--option-grid", help="comma-separated values of the method's tuned option "
                                          f"({_tuned_options_help()})")
     p.add_argument("--jobs", type=int, default=1, help="candidates trained at once, each in its own process "
-                   "(default 1): a round's rates, then its option's values")
+                   "(default 1): every method is searched at once, its rounds (the rates, then its option's "
+                   "values) filling the workers the other methods leave free")
     p.add_argument("--tuned-file", help="where to write the choices (default OUT/tuned.yaml; other methods' "
                                         "entries in it are kept)")
     p.add_argument("--out", required=True, help="tuning directory (one run per candidate, resumable)")

@@ -1,4 +1,5 @@
-"""Training runs in worker processes, several at once: ``compare --jobs`` and ``tune --jobs``.
+"""Training runs in worker processes, several at once: ``compare --jobs`` (``train_runs``) and ``tune --jobs``
+(``WorkerPool``: every method's search at once, sharing the workers).
 
 Each run trains in a spawned process that loads its own copy of the model (on a GPU the processes share
 it; on a CPU they share the cores: each gets cores / N threads unless ``OMP_NUM_THREADS`` is set). A run
@@ -64,6 +65,50 @@ def _train_worker(run: Run, threads: int, log_file: str | None, level: int) -> t
         return None, f"{type(err).__name__}: {err}"
 
 
+def _log_target() -> tuple[str | None, int]:
+    """The caller's log.txt (the file setup_logging opened) and level, for the workers to log to as well."""
+    log_file = next((h.baseFilename for h in logging.getLogger().handlers
+                     if isinstance(h, logging.FileHandler) and getattr(h, "_petmix", False)), None)
+    return log_file, logging.getLogger().getEffectiveLevel()
+
+
+class WorkerPool:
+    """``jobs`` worker processes that several threads train runs in at once: ``tune --jobs`` searches each
+    method in its own thread, and a round of one method's candidates waits only for its own runs while the
+    other methods' candidates fill the free workers (one method at a time leaves workers idle: a round has
+    three or four candidates and the next round depends on it)."""
+
+    def __init__(self, jobs: int) -> None:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        self.threads = max(1, (os.cpu_count() or 1) // jobs)
+        self.log_file, self.level = _log_target()
+        # spawn, not fork: a forked child would inherit the parent's torch threads and locks mid-state
+        self._pool = ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"))
+
+    def train(self, runs: list[Run]) -> list[tuple[dict[str, Any] | None, str | None]]:
+        """Train ``runs`` (queued behind what other threads asked for) and wait for them: (results, None) or
+        (None, the error) for each, in order."""
+        futures = []
+        for run in runs:
+            log.info("%s: training (%s) into %s", run.tag, run.cfg.method, run.where)
+            futures.append(self._pool.submit(_train_worker, run, self.threads, self.log_file, self.level))
+        out = []
+        for future in futures:
+            try:
+                out.append(future.result())
+            except Exception as err:  # the worker itself died (killed, out of memory)
+                out.append((None, f"{type(err).__name__}: {err}"))
+        return out
+
+    def __enter__(self) -> WorkerPool:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+
 def train_runs(todo: list[Run], jobs: int, finished: Callable[[Run, dict[str, Any] | None, str | None], None],
                ready: Callable[[Run], bool] = lambda run: True) -> None:
     """Train ``todo`` in ``jobs`` worker processes, in order, starting a run only once ``ready(run)`` (asked
@@ -74,9 +119,7 @@ def train_runs(todo: list[Run], jobs: int, finished: Callable[[Run, dict[str, An
     from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 
     threads = max(1, (os.cpu_count() or 1) // jobs)
-    log_file = next((h.baseFilename for h in logging.getLogger().handlers  # the log.txt setup_logging opened
-                     if isinstance(h, logging.FileHandler) and getattr(h, "_petmix", False)), None)
-    level = logging.getLogger().getEffectiveLevel()
+    log_file, level = _log_target()
     waiting = list(todo)
     running: dict[Future, Run] = {}
     # spawn, not fork: a forked child would inherit the parent's torch threads and locks mid-state

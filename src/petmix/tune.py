@@ -26,7 +26,7 @@ import yaml
 from petmix.data.task import Task, cap, split_off
 from petmix.errors import PetmixError
 from petmix.methods import get_method
-from petmix.parallel import Run, train_runs
+from petmix.parallel import Run, WorkerPool
 from petmix.runs import read_json
 from petmix.train import TrainConfig, Trainer, finished_run, run_settings_diff
 
@@ -148,12 +148,13 @@ def check_kept_candidates(method: str, base: dict[str, Any], tasks: list[Task], 
 
 
 def tune_method(method: str, base: dict[str, Any], tasks: list[Task], out: str | Path, *,
-                lrs: list[float] | None = None, options: list[Any] | None = None, jobs: int = 1) -> dict[str, Any]:
+                lrs: list[float] | None = None, options: list[Any] | None = None,
+                workers: WorkerPool | None = None) -> dict[str, Any]:
     """Search ``method``'s learning rate, then its option, on ``tasks`` (already validation tasks: see
     ``validation_tasks``); each candidate trains into ``out/<method>/<candidate>`` (finished ones are
     read). The method's own grid grows past an end that wins (``EDGE_STEPS``); a given ``lrs`` is kept as
-    it is. ``jobs`` > 1 trains each round's candidates (the rates, then the option's values) that many at
-    once, each in its own process (``petmix.parallel``). Returns ``{"settings": {...}, "score": ...,
+    it is. With ``workers``, each round's candidates (the rates, then the option's values) train in those
+    worker processes, at once (``petmix.parallel``); else one by one in this process. Returns ``{"settings": {...}, "score": ...,
     "candidates": [...], "grid": {...}}``."""
     out = Path(out) / method
     cfg0 = TrainConfig.from_dict({**base, "method": method}, f"tune {method}")
@@ -169,14 +170,15 @@ def tune_method(method: str, base: dict[str, Any], tasks: list[Task], out: str |
         return TrainConfig.from_dict({**base, "method": method, **settings}, f"tune {method} {name}"), out / name
 
     def train_together(grid: list[dict[str, Any]]) -> None:
-        """With ``jobs``: the round's unfinished candidates trained at once; ``score`` then reads them (one
-        that failed here trains again in ``score``, which raises its error as a single run would)."""
-        if jobs <= 1:
+        """With ``workers``: the round's unfinished candidates trained there, at once; ``score`` then
+        reads them. A candidate that failed stops this method's search with its error."""
+        if workers is None:
             return
         todo = [Run(cfg, tasks, run, f"tune {method} {_name(s)}") for s in grid for cfg, run in [candidate(s)]
                 if not any(c["settings"] == s for c in candidates) and not finished_run(run, method, len(tasks))]
-        if len(todo) > 1:
-            train_runs(todo, jobs, lambda run, results, error: None)
+        for run, (_, error) in zip(todo, workers.train(todo)):
+            if error:
+                raise PetmixError(f"{run.tag}: training failed: {error}")
 
     def score(settings: dict[str, Any]) -> float:
         for c in candidates:
