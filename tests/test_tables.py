@@ -371,6 +371,63 @@ def test_tune_steps_past_a_winning_end_of_its_grid(tmp_path, monkeypatch, peak, 
     assert given["grid"]["lr"] == [1e-2, 3e-2] and sorted(trained) == [1e-2, 3e-2]
 
 
+def test_converge_moves_the_option_past_its_grid_and_the_rate_after_it(tmp_path, monkeypatch):
+    """LwF's case: its alpha wins at the bottom of its grid (0.01), and a smaller alpha wants another rate.
+    One pass stops at (1e-3, 0.01); --converge steps alpha down past the grid while it wins, then moves
+    the rate, and ends when a whole pass moves neither; the record says how far it moved."""
+    import petmix.tune as tune
+
+    def ap(lr: float, alpha: float) -> float:  # alpha peaks at 1e-4; the best rate is 3e-3 below alpha 0.005
+        best_lr = 3e-3 if alpha < 0.005 else 1e-3
+        return 100 - 10 * abs(math.log10(lr / best_lr)) - 10 * abs(math.log10(alpha / 1e-4))
+
+    trained: list[tuple[float, float]] = []
+
+    class FakeTrainer:
+        def __init__(self, cfg, tasks, run):
+            self.cfg = cfg
+
+        def run(self):
+            trained.append((self.cfg.lr, self.cfg.lwf_alpha))
+            return {"metrics": {"AP": ap(self.cfg.lr, self.cfg.lwf_alpha)}}
+
+    monkeypatch.setattr(tune, "Trainer", FakeTrainer)
+    tasks = make_tasks(2, n_train=8, n_test=200)
+    one = tune.tune_method("lwf", {}, tasks, tmp_path / "one")
+    assert one["settings"] == {"lr": 1e-3, "lwf_alpha": 0.01} and "notes" not in one
+    trained.clear()
+    result = tune.tune_method("lwf", {}, tasks, tmp_path / "converge", converge=True)
+    assert result["settings"] == {"lr": 3e-3, "lwf_alpha": pytest.approx(1e-4)}
+    assert len(set(trained)) == len(trained)  # each candidate trained once
+    assert result["grid"]["lwf_alpha"] == pytest.approx([1e-5, 1e-4, 1e-3, 0.01, 0.1, 1.0])
+    assert result["grid"]["lr"] == pytest.approx([3e-4, 1e-3, 3e-3, 1e-2])
+    assert result["notes"] == ["converge: lr 0.003, lwf_alpha 0.0001 (100.00) over the first pass's lr 0.001, "
+                               "lwf_alpha 0.01 (80.00); the last of 2 further passes moved nothing"]
+    assert result["score"] == pytest.approx(100.0)
+    trained.clear()  # where the first pass's choice is already the best nearby, converge trains nothing new
+    peak = lambda lr, alpha: 100 - 10 * abs(math.log10(lr / 1e-3)) - 10 * abs(math.log10(alpha / 0.01))  # noqa: E731
+    monkeypatch.setattr(FakeTrainer, "run", lambda self: trained.append(1) or {"metrics": {"AP": peak(self.cfg.lr, self.cfg.lwf_alpha)}})
+    flat = tune.tune_method("lwf", {}, tasks, tmp_path / "interior", converge=True)
+    assert flat["settings"] == {"lr": 1e-3, "lwf_alpha": 0.01} and len(trained) == 3 + 2 + 1  # rates, alphas, 0.001
+
+
+@pytest.mark.parametrize(("values", "best", "step"), [
+    ([0.01, 0.1, 1.0], 0.01, (0.1, 0.001)),        # LwF's alpha
+    ([0.1, 0.5, 2.5], 0.1, (0.5, 0.02)),           # O-LoRA's lambda1: its own ratio, 5
+    ([500.0, 5000.0, 50000.0], 50000.0, (5000.0, 500000.0)),
+    ([5, 10, 20], 20, (10, 40)),                   # prompt length: whole numbers
+    ([5, 10, 20], 5, (10, 2)),
+    ([1, 2], 1, None),                             # nothing below 1 token
+    ([0.01, 0.1, 1.0], 0.1, None),                 # inside
+])
+def test_an_option_steps_past_an_end_on_its_own_ratio(values, best, step):
+    from petmix.tune import option_past_edge
+
+    got = option_past_edge(values, best)
+    assert got == (None if step is None else pytest.approx(step))
+    assert step is None or type(got[1]) is type(values[0])
+
+
 @pytest.mark.parametrize(("n_val", "chosen"), [(50, 1e-3), (200, 3e-3)])
 def test_scores_less_than_one_validation_answer_apart_tie_and_the_smaller_rate_wins(tmp_path, monkeypatch, n_val, chosen):
     """SAPT-Prompt's case: 55.20 at one rate, 55.22 at the next. On two tasks of 50 validation answers one

@@ -236,7 +236,7 @@ def _train_config(args: argparse.Namespace, apply_tuned: bool = False, method: s
                               f"got a {type(loaded).__name__}")
         values.update({(k.replace("-", "_") if isinstance(k, str) else k): v for k, v in loaded.items()})
     skip = {"func", "command", "config", "out", "verbose", "methods", "sources_command", "tuned", "seeds", "no_floors", "no_train", "jobs",
-            "tune_tasks", "val_fraction", "val_max", "lr_grid", "option_grid", "tuned_file", "argv"}
+            "tune_tasks", "val_fraction", "val_max", "lr_grid", "option_grid", "converge", "tuned_file", "argv"}
     flag_values = {k: v for k, v in vars(args).items() if k not in skip}
     flags = set(flag_values)
     if apply_tuned and getattr(args, "tuned", None):  # tuned settings override the file, flags override both
@@ -409,7 +409,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
     if args.jobs == 1:
         for method in methods:
-            chosen(method, tune_method(method, base, tasks, out, lrs=lrs, options=options))
+            chosen(method, tune_method(method, base, tasks, out, lrs=lrs, options=options, converge=args.converge))
     else:  # every method's search at once, each in a thread, their candidates sharing the worker processes
         from concurrent.futures import ThreadPoolExecutor, as_completed
 
@@ -418,7 +418,8 @@ def cmd_tune(args: argparse.Namespace) -> int:
         errors = []
         # the workers close first on the way out (Ctrl-C: queued candidates cancelled), then the threads end
         with ThreadPoolExecutor(len(methods)) as threads, WorkerPool(args.jobs) as workers:
-            searches = {threads.submit(tune_method, m, base, tasks, out, lrs=lrs, options=options, workers=workers): m
+            searches = {threads.submit(tune_method, m, base, tasks, out, lrs=lrs, options=options, workers=workers,
+                                      converge=args.converge): m
                         for m in methods}
             for search in as_completed(searches):
                 try:
@@ -650,6 +651,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr-grid", help="comma-separated learning rates (searched as given; default: a log-spaced grid per method kind, grown past a winning end)")
     p.add_argument("--option-grid", help="comma-separated values of the method's tuned option "
                                          f"({_tuned_options_help()})")
+    p.add_argument("--converge", action="store_true",
+                   help="after the one pass (the rate, then the option), move the option and then the rate to a "
+                        "neighbouring value while one scores more than one validation answer better (the option "
+                        "past a winning end of its grid too), until a pass moves neither (3 passes at most)")
     p.add_argument("--jobs", type=int, default=1, help="candidates trained at once, each in its own process "
                    "(default 1): every method is searched at once, its rounds (the rates, then its option's "
                    "values) filling the workers the other methods leave free")

@@ -46,6 +46,9 @@ LR_GRIDS: dict[str, list[float]] = {
 # this many times at most, until the best rate has a tried neighbour on both sides.
 EDGE_STEPS = 2
 
+# ``--converge``: coordinate passes (the option, then the rate, each moved while a neighbour wins) at most.
+MAX_PASSES = 3
+
 # A method's single most sensitive option and its grid are its own (``Method.tuned_option``); a prompt
 # method without one tunes its prompt length, unless source prompts fix it.
 PROMPT_LENGTHS = [5, 10, 20]
@@ -64,6 +67,21 @@ def past_edge(lrs: list[float], best: float) -> tuple[float, float] | None:
         return None
     inner = grid[-2] if best == grid[-1] else grid[1]
     return inner, float(f"{inner * 10 if best == grid[-1] else inner / 10:.3g}")
+
+
+def option_past_edge(values: list[Any], best: Any) -> tuple[Any, Any] | None:
+    """``past_edge`` for an option's values, on their own ratio (LwF's alpha 0.01 of 0.01/0.1/1: 0.001;
+    prompt length 20 of 5/10/20: 40; 5: 2). Whole numbers stay whole, and at least 1. None inside the
+    values, or where no new value lies beyond."""
+    grid = sorted(values)
+    if len(grid) < 2 or grid[0] < best < grid[-1] or not grid[0] > 0:
+        return None
+    inner = grid[-2] if best == grid[-1] else grid[1]
+    beyond = best * best / inner
+    if all(isinstance(v, int) for v in grid):
+        beyond = max(1, round(beyond))
+        return None if beyond == best else (inner, beyond)
+    return inner, float(f"{beyond:.3g}")
 
 
 def option_grid(method: str) -> tuple[str, list[Any]] | None:
@@ -149,13 +167,16 @@ def check_kept_candidates(method: str, base: dict[str, Any], tasks: list[Task], 
 
 def tune_method(method: str, base: dict[str, Any], tasks: list[Task], out: str | Path, *,
                 lrs: list[float] | None = None, options: list[Any] | None = None,
-                workers: WorkerPool | None = None) -> dict[str, Any]:
+                workers: WorkerPool | None = None, converge: bool = False) -> dict[str, Any]:
     """Search ``method``'s learning rate, then its option, on ``tasks`` (already validation tasks: see
     ``validation_tasks``); each candidate trains into ``out/<method>/<candidate>`` (finished ones are
     read). The method's own grid grows past an end that wins (``EDGE_STEPS``); a given ``lrs`` is kept as
     it is. With ``workers``, each round's candidates (the rates, then the option's values) train in those
-    worker processes, at once (``petmix.parallel``); else one by one in this process. Returns ``{"settings": {...}, "score": ...,
-    "candidates": [...], "grid": {...}}``."""
+    worker processes, at once (``petmix.parallel``); else one by one in this process. ``converge`` goes on
+    after that one pass: the option, then the rate, each moves to a neighbouring value while one scores
+    more than one answer better (the option's values grow past a winning end too), until a pass moves
+    neither (``MAX_PASSES`` at most). Returns ``{"settings": {...}, "score": ..., "candidates": [...],
+    "grid": {...}}``."""
     out = Path(out) / method
     cfg0 = TrainConfig.from_dict({**base, "method": method}, f"tune {method}")
     extend = not lrs
@@ -214,6 +235,43 @@ def tune_method(method: str, base: dict[str, Any], tasks: list[Task], out: str |
                              f"{_fmt(grid[scores.index(top)][searched])} ({top:.2f}): less than one validation "
                              f"answer apart ({resolution:.2f} AP) is a tie, and a tie goes to the first in grid order")
 
+    def line_search(point: dict[str, Any], key: str, ladder: list[Any], grow: bool) -> tuple[dict[str, Any], list[Any]]:
+        """Move ``point`` along ``key`` to the neighbour on ``ladder`` that scores more than one answer better
+        (the point itself first: a tie stays), until none does; with ``grow``, the ladder grows past a
+        winning end as the first pass's rates do (``EDGE_STEPS`` times at most)."""
+        ladder, grown = sorted(ladder), 0
+        while True:
+            i = ladder.index(point[key])
+            moved, _ = best_of([point, *({**point, key: ladder[j]} for j in (i - 1, i + 1) if 0 <= j < len(ladder))], key)
+            if moved != point:
+                point = moved
+                continue
+            edge = (past_edge if key == "lr" else option_past_edge)(ladder, point[key]) if grow else None
+            if grown >= EDGE_STEPS or edge is None or score({**point, key: edge[0]}) > score(point) - resolution:
+                return point, ladder
+            log.info("tune %s: %s %s is at the end of its values; trying %s too", method, key, _fmt(point[key]),
+                     _fmt(edge[1]))
+            ladder, grown = sorted([*ladder, edge[1]]), grown + 1
+
+    def coordinate_passes(point: dict[str, Any], lrs: list[float], values: list[Any]) -> tuple[
+            dict[str, Any], list[float], list[Any], str | None]:
+        """``converge``: the option, then the rate, line-searched from ``point`` until a pass moves neither."""
+        key, start = opt[0], dict(point)
+        passes, moving = 0, True
+        while moving and passes < MAX_PASSES:
+            before, passes = dict(point), passes + 1
+            point, values = line_search(point, key, values, grow=not options)  # a given --option-grid stays as given
+            point, lrs = line_search(point, "lr", lrs, grow=extend)
+            searched_options.update(values)
+            moving = point != before
+        if point == start:
+            return point, lrs, values, None
+        stop = f"stopped at {MAX_PASSES} passes, still moving" if moving else f"the last of {passes} further passes moved nothing"
+        return point, lrs, values, (f"converge: {', '.join(f'{k} {_fmt(v)}' for k, v in point.items())} "
+                                    f"({score(point):.2f}) over the first pass's "
+                                    f"{', '.join(f'{k} {_fmt(v)}' for k, v in start.items())} ({score(start):.2f}); {stop}")
+
+    searched_options: set[Any] = set()
     default_opt = {} if opt is None else {opt[0]: getattr(cfg0, opt[0])}
     chosen, tie = best_of([{"lr": lr, **default_opt} for lr in lrs], "lr")
     for _ in range(EDGE_STEPS if extend else 0):
@@ -237,11 +295,14 @@ def tune_method(method: str, base: dict[str, Any], tasks: list[Task], out: str |
                          f"on these tasks; the default {_fmt(default)} is kept")
         elif tie:
             notes.append(tie)
+        if converge:
+            chosen, lrs, values, note = coordinate_passes(chosen, lrs, values)
+            notes += [note] if note else []
     for note in notes:
         log.info("tune %s: %s", method, note)
     best = next(c for c in candidates if c["settings"] == chosen)
     return {"settings": chosen, "score": best["score"], "resolution": round(resolution, 4), "candidates": candidates,
-            "grid": {"lr": lrs, **({opt[0]: sorted({*opt[1], default_opt[opt[0]]})} if opt else {})},
+            "grid": {"lr": lrs, **({opt[0]: sorted({*opt[1], default_opt[opt[0]], *searched_options})} if opt else {})},
             **({"notes": notes} if notes else {})}
 
 
