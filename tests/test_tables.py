@@ -404,7 +404,7 @@ def test_converge_moves_the_option_past_its_grid_and_the_rate_after_it(tmp_path,
     assert result["notes"] == ["converge: lr 0.003, lwf_alpha 0.0001 (100.00) over the first pass's lr 0.001, "
                                "lwf_alpha 0.01 (80.00); the last of 2 further passes moved nothing"]
     assert result["score"] == pytest.approx(100.0)
-    trained.clear()  # where the first pass's choice is already the best nearby, converge trains nothing new
+    trained.clear()  # where the first pass chose the best nearby, converge trains only the step past the end
     peak = lambda lr, alpha: 100 - 10 * abs(math.log10(lr / 1e-3)) - 10 * abs(math.log10(alpha / 0.01))  # noqa: E731
     monkeypatch.setattr(FakeTrainer, "run", lambda self: trained.append(1) or {"metrics": {"AP": peak(self.cfg.lr, self.cfg.lwf_alpha)}})
     flat = tune.tune_method("lwf", {}, tasks, tmp_path / "interior", converge=True)
