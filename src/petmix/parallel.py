@@ -13,6 +13,7 @@ import logging
 import os
 import sys
 from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -73,8 +74,8 @@ def _log_target() -> tuple[str | None, int]:
 
 
 class WorkerPool:
-    """``jobs`` worker processes that several threads train runs in at once: ``tune --jobs`` searches each
-    method in its own thread, and a round of one method's candidates waits only for its own runs while the
+    """``jobs`` spawned worker processes that runs are submitted to: ``train_runs`` (``compare --jobs``), or
+    several threads at once: ``tune --jobs`` searches each method in its own thread, and a round of one method's candidates waits only for its own runs while the
     other methods' candidates fill the free workers (one method at a time leaves workers idle: a round has
     three or four candidates and the next round depends on it)."""
 
@@ -87,13 +88,15 @@ class WorkerPool:
         # spawn, not fork: a forked child would inherit the parent's torch threads and locks mid-state
         self._pool = ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"))
 
+    def submit(self, run: Run) -> Future:
+        """Queue ``run``; its future gives (results, None) or (None, the error)."""
+        log.info("%s: training (%s) into %s", run.tag, run.cfg.method, run.where)
+        return self._pool.submit(_train_worker, run, self.threads, self.log_file, self.level)
+
     def train(self, runs: list[Run]) -> list[tuple[dict[str, Any] | None, str | None]]:
         """Train ``runs`` (queued behind what other threads asked for) and wait for them: (results, None) or
         (None, the error) for each, in order."""
-        futures = []
-        for run in runs:
-            log.info("%s: training (%s) into %s", run.tag, run.cfg.method, run.where)
-            futures.append(self._pool.submit(_train_worker, run, self.threads, self.log_file, self.level))
+        futures = [self.submit(run) for run in runs]
         out = []
         for future in futures:
             try:
@@ -115,21 +118,16 @@ def train_runs(todo: list[Run], jobs: int, finished: Callable[[Run, dict[str, An
     again whenever a run ends: a run that reads another's results waits for it); ``finished(run, results,
     error)`` gets each run as it ends. Whatever ``ready`` holds back once nothing runs starts anyway, so
     that a dependency that failed shows as the waiting run's own error rather than a hang."""
-    import multiprocessing
-    from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+    from concurrent.futures import FIRST_COMPLETED, wait
 
-    threads = max(1, (os.cpu_count() or 1) // jobs)
-    log_file, level = _log_target()
     waiting = list(todo)
     running: dict[Future, Run] = {}
-    # spawn, not fork: a forked child would inherit the parent's torch threads and locks mid-state
-    with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+    with WorkerPool(jobs) as pool:
         while waiting or running:
             startable = [r for r in waiting if ready(r)] or ([] if running else waiting[:1])
             for run in startable[: jobs - len(running)]:
                 waiting.remove(run)
-                log.info("%s: training (%s) into %s", run.tag, run.cfg.method, run.where)
-                running[pool.submit(_train_worker, run, threads, log_file, level)] = run
+                running[pool.submit(run)] = run
             done, _ = wait(running, return_when=FIRST_COMPLETED)
             for future in done:
                 run = running.pop(future)

@@ -62,23 +62,29 @@ def lr_grid(method: str, cfg: TrainConfig) -> list[float]:
 def past_edge(lrs: list[float], best: float) -> tuple[float, float] | None:
     """Where ``best`` is an end of the grid: its inner neighbour, and the rate one step beyond it (ten
     times the neighbour: 3e-1 past 1e-1 after 3e-2; 1e-3 below 3e-3 before 1e-2). None inside the grid."""
-    grid = sorted(lrs)
+    inner = _inner_neighbour(lrs, best)
+    if inner is None:
+        return None
+    return inner, float(f"{inner * 10 if best > inner else inner / 10:.3g}")
+
+
+def _inner_neighbour(values: list[Any], best: Any) -> Any | None:
+    """The neighbour of ``best`` where ``best`` is an end of ``values``; None inside them (or too few)."""
+    grid = sorted(values)
     if len(grid) < 2 or grid[0] < best < grid[-1]:
         return None
-    inner = grid[-2] if best == grid[-1] else grid[1]
-    return inner, float(f"{inner * 10 if best == grid[-1] else inner / 10:.3g}")
+    return grid[-2] if best == grid[-1] else grid[1]
 
 
 def option_past_edge(values: list[Any], best: Any) -> tuple[Any, Any] | None:
     """``past_edge`` for an option's values, on their own ratio (LwF's alpha 0.01 of 0.01/0.1/1: 0.001;
     prompt length 20 of 5/10/20: 40; 5: 2). Whole numbers stay whole, and at least 1. None inside the
     values, or where no new value lies beyond."""
-    grid = sorted(values)
-    if len(grid) < 2 or grid[0] < best < grid[-1] or not grid[0] > 0:
+    inner = _inner_neighbour(values, best)
+    if inner is None or not min(values) > 0:
         return None
-    inner = grid[-2] if best == grid[-1] else grid[1]
     beyond = best * best / inner
-    if all(isinstance(v, int) for v in grid):
+    if all(isinstance(v, int) for v in values):
         beyond = max(1, round(beyond))
         return None if beyond == best else (inner, beyond)
     return inner, float(f"{beyond:.3g}")
@@ -262,7 +268,6 @@ def tune_method(method: str, base: dict[str, Any], tasks: list[Task], out: str |
             before, passes = dict(point), passes + 1
             point, values = line_search(point, key, values, grow=not options)  # a given --option-grid stays as given
             point, lrs = line_search(point, "lr", lrs, grow=extend)
-            searched_options.update(values)
             moving = point != before
         if point == start:
             return point, lrs, values, None
@@ -271,7 +276,7 @@ def tune_method(method: str, base: dict[str, Any], tasks: list[Task], out: str |
                                     f"({score(point):.2f}) over the first pass's "
                                     f"{', '.join(f'{k} {_fmt(v)}' for k, v in start.items())} ({score(start):.2f}); {stop}")
 
-    searched_options: set[Any] = set()
+    values: list[Any] = []  # the option's values searched (grown by converge)
     default_opt = {} if opt is None else {opt[0]: getattr(cfg0, opt[0])}
     chosen, tie = best_of([{"lr": lr, **default_opt} for lr in lrs], "lr")
     for _ in range(EDGE_STEPS if extend else 0):
@@ -302,7 +307,7 @@ def tune_method(method: str, base: dict[str, Any], tasks: list[Task], out: str |
         log.info("tune %s: %s", method, note)
     best = next(c for c in candidates if c["settings"] == chosen)
     return {"settings": chosen, "score": best["score"], "resolution": round(resolution, 4), "candidates": candidates,
-            "grid": {"lr": lrs, **({opt[0]: sorted({*opt[1], default_opt[opt[0]], *searched_options})} if opt else {})},
+            "grid": {"lr": lrs, **({opt[0]: sorted({*opt[1], default_opt[opt[0]], *values})} if opt else {})},
             **({"notes": notes} if notes else {})}
 
 
