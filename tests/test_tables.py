@@ -409,6 +409,8 @@ def test_converge_moves_the_option_past_its_grid_and_the_rate_after_it(tmp_path,
     monkeypatch.setattr(FakeTrainer, "run", lambda self: trained.append(1) or {"metrics": {"AP": peak(self.cfg.lr, self.cfg.lwf_alpha)}})
     flat = tune.tune_method("lwf", {}, tasks, tmp_path / "interior", converge=True)
     assert flat["settings"] == {"lr": 1e-3, "lwf_alpha": 0.01} and len(trained) == 3 + 2 + 1  # rates, alphas, 0.001
+    assert flat["notes"] == ["converge: the first pass's lr 0.001, lwf_alpha 0.01 (100.00) stands; "
+                             "1 further pass moved nothing"]
 
 
 @pytest.mark.parametrize(("values", "best", "step"), [

@@ -269,8 +269,9 @@ def tune_method(method: str, base: dict[str, Any], tasks: list[Task], out: str |
             point, values = line_search(point, key, values, grow=not options)  # a given --option-grid stays as given
             point, lrs = line_search(point, "lr", lrs, grow=extend)
             moving = point != before
-        if point == start:
-            return point, lrs, values, None
+        if point == start:  # said all the same: the record shows the first pass's choice was checked
+            return point, lrs, values, (f"converge: the first pass's {', '.join(f'{k} {_fmt(v)}' for k, v in point.items())} "
+                                        f"({score(point):.2f}) stands; {passes} further pass moved nothing")
         stop = f"stopped at {MAX_PASSES} passes, still moving" if moving else f"the last of {passes} further passes moved nothing"
         return point, lrs, values, (f"converge: {', '.join(f'{k} {_fmt(v)}' for k, v in point.items())} "
                                     f"({score(point):.2f}) over the first pass's "
