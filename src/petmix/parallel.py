@@ -74,10 +74,11 @@ def _log_target() -> tuple[str | None, int]:
 
 
 class WorkerPool:
-    """``jobs`` spawned worker processes that runs are submitted to: ``train_runs`` (``compare --jobs``), or
-    several threads at once: ``tune --jobs`` searches each method in its own thread, and a round of one method's candidates waits only for its own runs while the
-    other methods' candidates fill the free workers (one method at a time leaves workers idle: a round has
-    three or four candidates and the next round depends on it)."""
+    """``jobs`` spawned worker processes that runs are submitted to: by ``train_runs`` (``compare --jobs``),
+    or by several threads at once (``tune --jobs`` searches each method in its own thread; a round of one
+    method's candidates waits only for its own runs while the other methods' candidates fill the free
+    workers: one method at a time would leave workers idle, as a round has three or four candidates and
+    the next round depends on it)."""
 
     def __init__(self, jobs: int) -> None:
         import multiprocessing

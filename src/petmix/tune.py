@@ -141,6 +141,11 @@ def _name(settings: dict[str, Any]) -> str:
     return "-".join(f"{k}-{_fmt(v)}" for k, v in settings.items())
 
 
+def _said(settings: dict[str, Any]) -> str:
+    """A candidate's settings in a note or table, e.g. ``lr 0.003, kl_ratio 0.5``."""
+    return ", ".join(f"{k} {_fmt(v)}" for k, v in settings.items())
+
+
 INERT_LOSS = 1e-6  # a stage's recorded mean of the term (6 decimals): at or below it, the term moved nothing
 
 
@@ -270,12 +275,11 @@ def tune_method(method: str, base: dict[str, Any], tasks: list[Task], out: str |
             point, lrs = line_search(point, "lr", lrs, grow=extend)
             moving = point != before
         if point == start:  # said all the same: the record shows the first pass's choice was checked
-            return point, lrs, values, (f"converge: the first pass's {', '.join(f'{k} {_fmt(v)}' for k, v in point.items())} "
-                                        f"({score(point):.2f}) stands; {passes} further pass moved nothing")
+            return point, lrs, values, (f"converge: the first pass's {_said(point)} ({score(point):.2f}) stands; "
+                                        f"{passes} further pass moved nothing")
         stop = f"stopped at {MAX_PASSES} passes, still moving" if moving else f"the last of {passes} further passes moved nothing"
-        return point, lrs, values, (f"converge: {', '.join(f'{k} {_fmt(v)}' for k, v in point.items())} "
-                                    f"({score(point):.2f}) over the first pass's "
-                                    f"{', '.join(f'{k} {_fmt(v)}' for k, v in start.items())} ({score(start):.2f}); {stop}")
+        return point, lrs, values, (f"converge: {_said(point)} ({score(point):.2f}) over the first pass's "
+                                    f"{_said(start)} ({score(start):.2f}); {stop}")
 
     values: list[Any] = []  # the option's values searched (grown by converge)
     default_opt = {} if opt is None else {opt[0]: getattr(cfg0, opt[0])}
@@ -360,8 +364,7 @@ def tuned_table(path: str | Path) -> str:
         settings = dict(entry.get("settings") or {})
         lr = settings.pop("lr", None)
         option = ", ".join(f"{k}={_fmt(v)}" for k, v in settings.items()) or "-"
-        tried = "; ".join(", ".join(f"{k} {_fmt(v)}" for k, v in c["settings"].items()) + f": {c['score']:.1f}"
-                          for c in entry.get("candidates") or [])
+        tried = "; ".join(f"{_said(c['settings'])}: {c['score']:.1f}" for c in entry.get("candidates") or [])
         lines.append(f"| {name} | {_fmt(lr)} | {option} | {entry.get('score', float('nan')):.2f} | {tried} |")
     notes = [f"- {name}: {note}" for name, entry in (data.get("methods") or {}).items() for note in entry.get("notes") or []]
     return "\n".join(lines + ([""] + notes if notes else []))
