@@ -147,3 +147,45 @@ def test_damaged_checkpoint_is_refused_then_the_previous_one_resumes(tiny_llama_
     shutil.rmtree(tmp_path / "run" / "state")
     assert main(common) == 0
     assert len(_outcome(tmp_path / "run")["matrix"]) == 1
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return state != "Z"  # a zombie has exited; only its parent's reaping is left
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads process states from /proc (Linux)")
+def test_workers_stop_when_their_caller_is_killed(tmp_path):
+    """`compare --jobs` / `tune --jobs` train in worker processes. Killing the command (SIGKILL here; a
+    plain `kill` skips the pool's shutdown as well) must not leave them training on into run folders that
+    the resumed command trains again."""
+    import signal
+    import time
+
+    caller = (
+        "import os, time\n"
+        "from petmix.parallel import WorkerPool\n"
+        "with WorkerPool(1) as pool:\n"
+        "    print(pool._pool.submit(os.getpid).result(), flush=True)\n"
+        "    pool._pool.submit(time.sleep, 300)\n"  # a long run, in the worker
+        "    time.sleep(300)\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", caller], stdout=subprocess.PIPE, text=True, cwd=tmp_path,
+                            env={**os.environ, "PYTHONPATH": SRC})
+    try:
+        worker = int(proc.stdout.readline())
+        time.sleep(1)  # the worker is in its long run
+        assert _alive(worker)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(30)
+        deadline = time.monotonic() + 20
+        while _alive(worker) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not _alive(worker), "the worker outlived its killed caller"
+    finally:
+        proc.kill()
+        if "worker" in locals() and _alive(worker):
+            os.kill(worker, signal.SIGKILL)

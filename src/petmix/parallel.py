@@ -12,6 +12,8 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
@@ -52,6 +54,19 @@ def worker_logging(tag: str, log_file: str | None, level: int) -> None:
     root.setLevel(level)
 
 
+def exit_with_parent(parent: int, every_s: float = 1.0) -> None:
+    """Run in each worker as it starts: once its caller is gone (killed, e.g. ``kill PID``, which skips the
+    pool's shutdown), the worker exits within ``every_s``. Otherwise it would train on into its run folder
+    while a resumed command trains the same run there."""
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(every_s)
+        os._exit(1)  # the run resumes from its last finished stage, as after any kill
+
+    threading.Thread(target=watch, name="petmix-exit-with-parent", daemon=True).start()
+
+
 def _train_worker(run: Run, threads: int, log_file: str | None, level: int) -> tuple[dict[str, Any] | None, str | None]:
     """One run in a worker process: (results, None), or (None, the error)."""
     import torch
@@ -87,7 +102,8 @@ class WorkerPool:
         self.threads = max(1, (os.cpu_count() or 1) // jobs)
         self.log_file, self.level = _log_target()
         # spawn, not fork: a forked child would inherit the parent's torch threads and locks mid-state
-        self._pool = ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"))
+        self._pool = ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"),
+                                         initializer=exit_with_parent, initargs=(os.getpid(),))
 
     def submit(self, run: Run) -> Future:
         """Queue ``run``; its future gives (results, None) or (None, the error)."""
