@@ -175,6 +175,7 @@ def test_workers_stop_when_their_caller_is_killed(tmp_path):
     )
     proc = subprocess.Popen([sys.executable, "-c", caller], stdout=subprocess.PIPE, text=True, cwd=tmp_path,
                             env={**os.environ, "PYTHONPATH": SRC})
+    worker = None
     try:
         worker = int(proc.stdout.readline())
         time.sleep(1)  # the worker is in its long run
@@ -187,5 +188,5 @@ def test_workers_stop_when_their_caller_is_killed(tmp_path):
         assert not _alive(worker), "the worker outlived its killed caller"
     finally:
         proc.kill()
-        if "worker" in locals() and _alive(worker):
+        if worker is not None and _alive(worker):
             os.kill(worker, signal.SIGKILL)
