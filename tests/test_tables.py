@@ -211,6 +211,34 @@ def test_tune_jobs_searches_every_method_at_once(tiny_llama_path, tmp_path, monk
     assert list(yaml.safe_load((tmp_path / "failed" / "tuned.yaml").read_text())["methods"]) == ["lora"]
 
 
+def test_a_prompt_length_given_to_tune_is_written_with_the_choice(tiny_llama_path, tmp_path, monkeypatch):
+    """SAPT-Prompt searches its rate and kl ratio; a --prompt-length given to the tune is part of what was
+    scored, so the tuned file carries it and `train --tuned` runs that length, not the method's own. A
+    method that searches the length, or has no prompt, is written with its own search only."""
+    import petmix.tune as tune
+
+    class FakeTrainer:
+        def __init__(self, cfg, tasks, run):
+            assert cfg.prompt_length == 7  # every candidate trained at the given length
+            self.cfg = cfg
+
+        def run(self):
+            return {"metrics": {"AP": 100 - 60 * abs(math.log10(self.cfg.lr / 1e-2))}}  # > 25 AP apart
+
+    monkeypatch.setattr(tune, "Trainer", FakeTrainer)
+    out = tmp_path / "tune"
+    argv = ["tune", "--methods", "sapt-prompt,lora", "--model", str(tiny_llama_path), "--data", str(CL),
+            "--tasks", "tinysent", "--tune-tasks", "1", "--lr-grid", "3e-3,1e-2", "--option-grid", "0.5",
+            "--prompt-length", "7", "--out", str(out)]
+    assert main(argv) == 0
+    data = yaml.safe_load((out / "tuned.yaml").read_text())["methods"]
+    assert data["sapt-prompt"]["settings"] == {"lr": 1e-2, "kl_ratio": 0.5, "prompt_length": 7}
+    assert "prompt_length" not in data["lora"]["settings"]  # no prompt: nothing held
+    args = build_parser().parse_args(["train", "--method", "sapt-prompt", "--tuned", str(out / "tuned.yaml"), "--out", "x"])
+    assert _train_config(args, apply_tuned=True).prompt_length == 7
+    assert "prompt_length=7" in tune.tuned_table(out / "tuned.yaml")
+
+
 class _Untouchable(list):
     def _no(self, *a, **k):
         raise AssertionError("the test split was read")
@@ -605,6 +633,9 @@ OTHER_TUNINGS = {
                                "another value than the default",
     "superni5/tune-converge": "evidence for docs/tuned.md: LwF searched with --converge (its alpha goes to "
                               "0.001, where it scores what seq-LoRA does); the tables ran at the one-pass pick",
+    "long4-avail-order1/tune-sapt-prompt-len20": "evidence for docs/results.md: SAPT-Prompt at 20 tokens on "
+                                                 "Long's validation split (its search is rate and kl ratio)",
+    "long4-avail-order1/tune-sapt-prompt-len40": "the same at 40 tokens",
 }
 
 

@@ -365,6 +365,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
     from petmix.data.loaders import load_tasks
     from petmix.data.streams import resolve_stream
+    from petmix.methods import get_method
     from petmix.runs import setup_logging
     from petmix.tune import (
         check_kept_candidates,
@@ -404,6 +405,12 @@ def cmd_tune(args: argparse.Namespace) -> int:
     setup_logging(out, args.verbose)  # the inputs are good: the first thing written
 
     def chosen(method: str, result: dict[str, Any]) -> None:
+        # A prompt length given to a prompt method whose search is another option (SAPT-Prompt: its
+        # kl ratio) is part of what was scored: written with the choice, or `compare --tuned` and
+        # `train --tuned` would run the method's own length and pass its score off as this one's.
+        held = {k: base[k] for k in ("prompt_length",)
+                if k in base and k not in result["settings"] and get_method(method).block == "prompt"}
+        result = {**result, "settings": {**result["settings"], **held}}
         write_tuned(path, method, result, record)  # as each method ends: a killed tune keeps what it chose
         log.info("%s: chose %s (validation AP %.2f)", method, result["settings"], result["score"])
 
