@@ -408,9 +408,8 @@ def cmd_tune(args: argparse.Namespace) -> int:
         # A prompt length given to a prompt method whose search is another option (SAPT-Prompt: its
         # kl ratio) is part of what was scored: written with the choice, or `compare --tuned` and
         # `train --tuned` would run the method's own length and pass its score off as this one's.
-        held = {k: base[k] for k in ("prompt_length",)
-                if k in base and k not in result["settings"] and get_method(method).block == "prompt"}
-        result = {**result, "settings": {**result["settings"], **held}}
+        if "prompt_length" in base and "prompt_length" not in result["settings"] and get_method(method).block == "prompt":
+            result = {**result, "settings": {**result["settings"], "prompt_length": base["prompt_length"]}}
         write_tuned(path, method, result, record)  # as each method ends: a killed tune keeps what it chose
         log.info("%s: chose %s (validation AP %.2f)", method, result["settings"], result["score"])
 
