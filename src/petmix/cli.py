@@ -365,7 +365,6 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
     from petmix.data.loaders import load_tasks
     from petmix.data.streams import resolve_stream
-    from petmix.methods import get_method
     from petmix.runs import setup_logging
     from petmix.tune import (
         check_kept_candidates,
@@ -405,11 +404,6 @@ def cmd_tune(args: argparse.Namespace) -> int:
     setup_logging(out, args.verbose)  # the inputs are good: the first thing written
 
     def chosen(method: str, result: dict[str, Any]) -> None:
-        # A prompt length given to a prompt method whose search is another option (SAPT-Prompt: its
-        # kl ratio) is part of what was scored: written with the choice, or `compare --tuned` and
-        # `train --tuned` would run the method's own length and pass its score off as this one's.
-        if "prompt_length" in base and "prompt_length" not in result["settings"] and get_method(method).block == "prompt":
-            result = {**result, "settings": {**result["settings"], "prompt_length": base["prompt_length"]}}
         write_tuned(path, method, result, record)  # as each method ends: a killed tune keeps what it chose
         log.info("%s: chose %s (validation AP %.2f)", method, result["settings"], result["score"])
 

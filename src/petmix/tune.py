@@ -311,6 +311,11 @@ def tune_method(method: str, base: dict[str, Any], tasks: list[Task], out: str |
     for note in notes:
         log.info("tune %s: %s", method, note)
     best = next(c for c in candidates if c["settings"] == chosen)
+    # A prompt length given to a prompt method whose search is another option (SAPT-Prompt: its kl ratio)
+    # is part of what was scored: it goes with the choice, or `compare --tuned` and `train --tuned` would
+    # run the method's own length and pass this score off as that length's.
+    if "prompt_length" in base and "prompt_length" not in chosen and get_method(method).block == "prompt":
+        chosen = {**chosen, "prompt_length": base["prompt_length"]}
     return {"settings": chosen, "score": best["score"], "resolution": round(resolution, 4), "candidates": candidates,
             "grid": {"lr": lrs, **({opt[0]: sorted({*opt[1], default_opt[opt[0]], *values})} if opt else {})},
             **({"notes": notes} if notes else {})}
